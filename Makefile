@@ -1,0 +1,25 @@
+# Two entry points do all set-up on a fresh machine: `make serve` and `make test`.
+# Each creates .venv and installs the project (with its dev tools) when pyproject.toml changes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: serve test lint bench demo
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+serve: $(STAMP)
+	$(VENV)/bin/signaling serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	./scripts/ensure-redis-server
+	$(VENV)/bin/pytest

@@ -1,0 +1,1 @@
+"""Push providers (APNs VoIP wake-up): see issue 3."""

@@ -1,0 +1,549 @@
+"""The call state machine, sans I/O: events in, effects out.
+
+A `Call` is one INVITE from a caller device to every registered device of the callee (its *legs*). It never
+touches a socket, a store or a clock: the server feeds it events (facts, named in the past tense) and carries out
+the effects it returns (commands). Time arrives inside events; timers leave as `StartTimer`/`StopTimer` effects.
+
+Every legal step is a row of `TRANSITIONS`, keyed by (state, event type). Anything else raises `InvalidInState`
+(or `NoSuchCall` when the sender is no party of the call) and leaves the call exactly as it was, so a late or
+duplicate frame can never kill a call. docs/PROTOCOL.md's state table is generated from `TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+from signaling.errors import InvalidInState, NoSuchCall, RequestPending
+from signaling.wire import (
+    AckRelay,
+    ByeNotice,
+    CancelNotice,
+    EndReason,
+    IceCandidate,
+    IceRelay,
+    InviteOffer,
+    Method,
+    Outbound,
+    Response,
+    UpdateRelay,
+)
+
+
+class CallState(StrEnum):
+    RINGING = "ringing"  # offered to the callee's devices, no final answer yet
+    ANSWERED = "answered"  # a device answered; 200 relayed to the caller, waiting for its ACK
+    ESTABLISHED = "established"  # the caller acknowledged the answer
+    ENDED = "ended"
+
+
+class LegState(StrEnum):
+    OFFERED = "offered"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    REJECTED = "rejected"
+    GONE = "gone"
+    CANCELLED = "cancelled"
+
+
+LIVE_LEG_STATES: Final = frozenset({LegState.OFFERED, LegState.RINGING})
+
+
+class Side(StrEnum):
+    CALLER = "caller"
+    CALLEE = "callee"
+
+
+class TimerKind(StrEnum):
+    RING = "ring"  # no answer by the ring timeout: 408
+    UPDATE = "update"  # the other party never answered an UPDATE: 408 to its sender
+
+
+# ---------------------------------------------------------------------------------------------- events (facts)
+
+
+@dataclass(frozen=True, slots=True)
+class LegProgressed:
+    """A callee device answered the INVITE with 180 Ringing or 183 Session Progress."""
+
+    device_id: str
+    code: int
+    sdp: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LegAnswered:
+    device_id: str
+    sdp: str
+
+
+@dataclass(frozen=True, slots=True)
+class LegRejected:
+    """A callee device answered the INVITE with a final error: 486 busy, 603 decline, 488, ..."""
+
+    device_id: str
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class LegLost:
+    """A callee device's connection closed."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallerAcked:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallerCancelled:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallerLost:
+    """The caller's connection closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class HangupReceived:
+    """BYE from the caller (`device_id` None) or from a callee device."""
+
+    seq: int
+    device_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    seq: int
+    device_id: str | None
+    sdp: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAnswered:
+    device_id: str | None
+    code: int
+    sdp: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IceReceived:
+    seq: int
+    device_id: str | None
+    ice: IceCandidate
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    kind: TimerKind
+
+
+Event = (
+    LegProgressed
+    | LegAnswered
+    | LegRejected
+    | LegLost
+    | CallerAcked
+    | CallerCancelled
+    | CallerLost
+    | HangupReceived
+    | UpdateReceived
+    | UpdateAnswered
+    | IceReceived
+    | TimerFired
+)
+EVENT_TYPES: Final[tuple[type[Event], ...]] = (
+    LegProgressed,
+    LegAnswered,
+    LegRejected,
+    LegLost,
+    CallerAcked,
+    CallerCancelled,
+    CallerLost,
+    HangupReceived,
+    UpdateReceived,
+    UpdateAnswered,
+    IceReceived,
+    TimerFired,
+)
+
+# ---------------------------------------------------------------------------------------------- effects (commands)
+
+
+@dataclass(frozen=True, slots=True)
+class SendToCaller:
+    frame: Outbound
+
+
+@dataclass(frozen=True, slots=True)
+class SendToDevice:
+    device_id: str
+    frame: Outbound
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    kind: TimerKind
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopTimer:
+    kind: TimerKind
+
+
+@dataclass(frozen=True, slots=True)
+class CallAnswered:
+    """Record that `device_id` answered (the store's call record moves to the answered phase)."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallFinished:
+    """The call is over: forget it. `code` is the caller's final INVITE status when it never connected."""
+
+    reason: EndReason | None
+    code: int | None
+
+
+Effect = SendToCaller | SendToDevice | StartTimer | StopTimer | CallAnswered | CallFinished
+
+MAX_BUFFERED_CANDIDATES: Final = 64
+
+
+@dataclass(slots=True)
+class Leg:
+    device_id: str
+    state: LegState = LegState.OFFERED
+    code: int | None = None
+    # Candidates a ringing device trickles before it answers; relayed only if it wins, so the caller never sees
+    # candidates of a device that did not answer.
+    candidates: list[IceCandidate] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PendingUpdate:
+    seq: int
+    from_caller: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    ring: float = 60.0
+    update: float = 30.0
+
+
+class Call:
+    """One call, from INVITE to its end. Construct it, send out `start()`'s effects, then feed it events."""
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        caller_user: str,
+        caller_device: str,
+        caller_name: str | None,
+        callee_user: str,
+        invite_seq: int,
+        sdp: str,
+        video: bool,
+        devices: Sequence[str],
+        now: float,
+        timeouts: Timeouts = Timeouts(),
+    ) -> None:
+        if not devices:
+            raise ValueError("a call needs at least one callee device")
+        self.call_id = call_id
+        self.caller_user = caller_user
+        self.caller_device = caller_device
+        self.caller_name = caller_name
+        self.callee_user = callee_user
+        self.invite_seq = invite_seq
+        self.offer = sdp
+        self.video = video
+        self.created_at = now
+        self.timeouts = timeouts
+        self.state = CallState.RINGING
+        self.legs: dict[str, Leg] = {d: Leg(d) for d in devices}
+        self.answered_by: str | None = None
+        self.pending_update: PendingUpdate | None = None
+        self.caller_candidates: list[IceCandidate] = []
+        self.progress_sent = False
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def start(self) -> list[Effect]:
+        offer = InviteOffer(self.call_id, self.caller_user, self.caller_name, self.offer, self.video)
+        effects: list[Effect] = [SendToDevice(d, offer) for d in self.legs]
+        effects.append(StartTimer(TimerKind.RING, self.created_at + self.timeouts.ring))
+        return effects
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        """Apply one event. Raises a `PeerError` (and changes nothing) when the event is not allowed now."""
+        step = TRANSITIONS.get((self.state, type(event)))
+        if step is None:
+            self._check_party(event)
+            raise InvalidInState(f"{_event_name(event)} is not allowed while the call is {self.state}")
+        return step(self, event, now)
+
+    def is_party(self, device_id: str | None) -> bool:
+        """Whether a callee device (or the caller, for None) may act on this call in its current state."""
+        if device_id is None:
+            return True
+        if self.answered_by is not None:
+            return device_id == self.answered_by
+        return device_id in self.legs
+
+    @property
+    def live_legs(self) -> list[str]:
+        return [leg.device_id for leg in self.legs.values() if leg.state in LIVE_LEG_STATES]
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _check_party(self, event: Event) -> None:
+        device_id = getattr(event, "device_id", None)
+        if not self.is_party(device_id):
+            raise NoSuchCall("this device is no party of the call")
+
+    def _leg(self, device_id: str, *allowed: LegState) -> Leg:
+        leg = self.legs.get(device_id)
+        if leg is None or (self.answered_by is not None and device_id != self.answered_by):
+            raise NoSuchCall("this device is no party of the call")
+        if leg.state not in allowed:
+            raise InvalidInState(f"this device's leg is {leg.state}")
+        return leg
+
+    def _caller_response(self, code: int, sdp: str | None = None) -> SendToCaller:
+        return SendToCaller(Response(self.invite_seq, Method.INVITE, code, self.call_id, sdp=sdp))
+
+    def _cancel_legs(self, reason: EndReason, *, skip: str | None = None) -> list[Effect]:
+        effects: list[Effect] = []
+        for leg in self.legs.values():
+            if leg.state in LIVE_LEG_STATES and leg.device_id != skip:
+                leg.state = LegState.CANCELLED
+                effects.append(SendToDevice(leg.device_id, CancelNotice(self.call_id, reason)))
+        return effects
+
+    def _finish(self, reason: EndReason | None, code: int | None) -> list[Effect]:
+        self.state = CallState.ENDED
+        self.pending_update = None
+        return [StopTimer(TimerKind.RING), StopTimer(TimerKind.UPDATE), CallFinished(reason, code)]
+
+    def _to_other_side(self, device_id: str | None, frame: Outbound) -> Effect:
+        """Address `frame` to the party opposite the sender in an answered call."""
+        if device_id is None:
+            if self.answered_by is None:  # pragma: no cover - guarded by the table
+                raise InvalidInState("the call has not been answered")
+            return SendToDevice(self.answered_by, frame)
+        return SendToCaller(frame)
+
+    def _to_sender(self, device_id: str | None, frame: Outbound) -> Effect:
+        return SendToCaller(frame) if device_id is None else SendToDevice(device_id, frame)
+
+    def _ok(self, device_id: str | None, seq: int, method: Method) -> Effect:
+        return self._to_sender(device_id, Response(seq, method, 200, self.call_id))
+
+    # ------------------------------------------------------------------------------------------ ringing
+
+    def _on_progress(self, e: LegProgressed, now: float) -> list[Effect]:
+        leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        if e.code not in (180, 183):
+            raise InvalidInState(f"provisional response {e.code} is not relayed; send 180 or 183")
+        leg.state = LegState.RINGING
+        # The first 180 tells the caller "ringing"; later ones from other devices add nothing.
+        # A 183 carries early-media SDP and is always relayed.
+        if e.code == 183 or not self.progress_sent:
+            self.progress_sent = True
+            return [self._caller_response(e.code, e.sdp)]
+        return []
+
+    def _on_answer(self, e: LegAnswered, now: float) -> list[Effect]:
+        leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        leg.state = LegState.ANSWERED
+        self.answered_by = e.device_id
+        self.state = CallState.ANSWERED
+        effects: list[Effect] = [StopTimer(TimerKind.RING), self._caller_response(200, e.sdp)]
+        effects += [SendToCaller(IceRelay(self.call_id, c)) for c in leg.candidates]
+        leg.candidates.clear()
+        effects += self._cancel_legs(EndReason.ANSWERED_ELSEWHERE)
+        effects.append(CallAnswered(e.device_id))
+        for other in self.legs.values():
+            other.candidates.clear()
+        return effects
+
+    def _on_late_answer(self, e: LegAnswered, now: float) -> list[Effect]:
+        """Two devices answered at once; the loser already has its CANCEL (answered elsewhere)."""
+        self._leg_any(e.device_id, LegState.CANCELLED)
+        return []
+
+    def _on_late_reject(self, e: LegRejected, now: float) -> list[Effect]:
+        """A device confirms our CANCEL with 487 (or rejects after all): nothing more to do."""
+        self._leg_any(e.device_id, LegState.CANCELLED)
+        return []
+
+    def _on_stale_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        """A timer that fired as the call moved on (its StopTimer raced it): nothing to do."""
+        return []
+
+    def _leg_any(self, device_id: str, *allowed: LegState) -> Leg:
+        leg = self.legs.get(device_id)
+        if leg is None:
+            raise NoSuchCall("this device is no party of the call")
+        if leg.state not in allowed:
+            raise InvalidInState(f"this device's leg is {leg.state}")
+        return leg
+
+    def _on_reject(self, e: LegRejected, now: float) -> list[Effect]:
+        leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        if not 300 <= e.code <= 699:
+            raise InvalidInState(f"{e.code} is not a final rejection")
+        leg.state = LegState.REJECTED
+        leg.code = e.code
+        if e.code == 603:
+            effects = self._cancel_legs(EndReason.DECLINED_ELSEWHERE)
+            return [self._caller_response(603), *effects, *self._finish(EndReason.DECLINED_ELSEWHERE, 603)]
+        return self._maybe_all_failed()
+
+    def _on_leg_lost(self, e: LegLost, now: float) -> list[Effect]:
+        leg = self._leg_any(e.device_id, *LegState)
+        if leg.state not in LIVE_LEG_STATES:
+            return []
+        leg.state = LegState.GONE
+        return self._maybe_all_failed()
+
+    def _maybe_all_failed(self) -> list[Effect]:
+        if self.live_legs:
+            return []
+        codes = {leg.code for leg in self.legs.values()}
+        code = 486 if 486 in codes else 488 if 488 in codes else 480
+        return [self._caller_response(code), *self._finish(None, code)]
+
+    def _on_cancel(self, e: CallerCancelled | HangupReceived, now: float) -> list[Effect]:
+        if isinstance(e, HangupReceived) and e.device_id is not None:
+            self._check_party(e)
+            raise InvalidInState("a ringing device ends the call by answering the INVITE with 486 or 603")
+        method = Method.CANCEL if isinstance(e, CallerCancelled) else Method.BYE
+        effects: list[Effect] = [self._ok(None, e.seq, method), self._caller_response(487)]
+        effects += self._cancel_legs(EndReason.CALLER_CANCELLED)
+        return effects + self._finish(EndReason.CALLER_CANCELLED, 487)
+
+    def _on_caller_lost_ringing(self, e: CallerLost, now: float) -> list[Effect]:
+        return self._cancel_legs(EndReason.CALLER_GONE) + self._finish(EndReason.CALLER_GONE, None)
+
+    def _on_ring_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        if e.kind is not TimerKind.RING:
+            return []
+        effects: list[Effect] = [self._caller_response(408)]
+        effects += self._cancel_legs(EndReason.NO_ANSWER)
+        return effects + self._finish(EndReason.NO_ANSWER, 408)
+
+    def _on_ice_ringing(self, e: IceReceived, now: float) -> list[Effect]:
+        if e.device_id is None:
+            if len(self.caller_candidates) >= MAX_BUFFERED_CANDIDATES:
+                raise InvalidInState(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
+            self.caller_candidates.append(e.ice)
+            relay = IceRelay(self.call_id, e.ice)
+            return [self._ok(None, e.seq, Method.ICE)] + [SendToDevice(d, relay) for d in self.live_legs]
+        leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        if len(leg.candidates) >= MAX_BUFFERED_CANDIDATES:
+            raise InvalidInState(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
+        leg.candidates.append(e.ice)
+        return [self._ok(e.device_id, e.seq, Method.ICE)]
+
+    # ------------------------------------------------------------------------------------------ answered
+
+    def _on_ack(self, e: CallerAcked, now: float) -> list[Effect]:
+        self.state = CallState.ESTABLISHED
+        return [self._to_other_side(None, AckRelay(self.call_id))]
+
+    def _on_hangup(self, e: HangupReceived, now: float) -> list[Effect]:
+        self._check_party(e)
+        bye = ByeNotice(self.call_id, EndReason.REMOTE_HANGUP)
+        effects = [self._ok(e.device_id, e.seq, Method.BYE), self._to_other_side(e.device_id, bye)]
+        return effects + self._finish(EndReason.REMOTE_HANGUP, None)
+
+    def _on_party_lost(self, e: CallerLost | LegLost, now: float) -> list[Effect]:
+        device_id = e.device_id if isinstance(e, LegLost) else None
+        if device_id is not None and device_id != self.answered_by:
+            return self._on_leg_lost(e, now) if isinstance(e, LegLost) else []
+        bye = ByeNotice(self.call_id, EndReason.PEER_GONE)
+        return [self._to_other_side(device_id, bye), *self._finish(EndReason.PEER_GONE, None)]
+
+    def _on_update(self, e: UpdateReceived, now: float) -> list[Effect]:
+        self._check_party(e)
+        if self.pending_update is not None:
+            raise RequestPending("an UPDATE is already in progress on this call; retry after it completes")
+        self.pending_update = PendingUpdate(e.seq, e.device_id is None)
+        return [
+            self._to_other_side(e.device_id, UpdateRelay(self.call_id, e.sdp)),
+            StartTimer(TimerKind.UPDATE, now + self.timeouts.update),
+        ]
+
+    def _on_update_answer(self, e: UpdateAnswered, now: float) -> list[Effect]:
+        self._check_party(e)
+        pending = self.pending_update
+        # The answer must come from the side the UPDATE was relayed to.
+        if pending is None or pending.from_caller == (e.device_id is None):
+            raise InvalidInState("there is no UPDATE awaiting this side's answer")
+        if e.code < 200:
+            return []
+        self.pending_update = None
+        response = Response(pending.seq, Method.UPDATE, e.code, self.call_id, sdp=e.sdp)
+        return [StopTimer(TimerKind.UPDATE), self._to_other_side(e.device_id, response)]
+
+    def _on_update_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        pending = self.pending_update
+        if e.kind is not TimerKind.UPDATE or pending is None:
+            return []
+        self.pending_update = None
+        response = Response(pending.seq, Method.UPDATE, 408, self.call_id)
+        return [SendToCaller(response) if pending.from_caller else self._to_other_side(None, response)]
+
+    def _on_ice_connected(self, e: IceReceived, now: float) -> list[Effect]:
+        self._check_party(e)
+        relay = IceRelay(self.call_id, e.ice)
+        return [self._ok(e.device_id, e.seq, Method.ICE), self._to_other_side(e.device_id, relay)]
+
+
+def _event_name(event: Event) -> str:
+    return type(event).__name__
+
+
+Step = Callable[[Call, Event, float], list[Effect]]
+_R, _A, _E = CallState.RINGING, CallState.ANSWERED, CallState.ESTABLISHED
+
+# The whole state machine. A pair that is absent is a protocol error that changes nothing.
+TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
+    (_R, LegProgressed): Call._on_progress,  # type: ignore[dict-item]
+    (_R, LegAnswered): Call._on_answer,  # type: ignore[dict-item]
+    (_R, LegRejected): Call._on_reject,  # type: ignore[dict-item]
+    (_R, LegLost): Call._on_leg_lost,  # type: ignore[dict-item]
+    (_R, CallerCancelled): Call._on_cancel,  # type: ignore[dict-item]
+    (_R, HangupReceived): Call._on_cancel,  # type: ignore[dict-item]
+    (_R, CallerLost): Call._on_caller_lost_ringing,  # type: ignore[dict-item]
+    (_R, TimerFired): Call._on_ring_timer,  # type: ignore[dict-item]
+    (_R, IceReceived): Call._on_ice_ringing,  # type: ignore[dict-item]
+    (_A, LegAnswered): Call._on_late_answer,  # type: ignore[dict-item]
+    (_A, LegRejected): Call._on_late_reject,  # type: ignore[dict-item]
+    (_A, TimerFired): Call._on_stale_timer,  # type: ignore[dict-item]
+    (_A, CallerAcked): Call._on_ack,  # type: ignore[dict-item]
+    (_A, HangupReceived): Call._on_hangup,  # type: ignore[dict-item]
+    (_A, CallerLost): Call._on_party_lost,  # type: ignore[dict-item]
+    (_A, LegLost): Call._on_party_lost,  # type: ignore[dict-item]
+    (_A, IceReceived): Call._on_ice_connected,  # type: ignore[dict-item]
+    (_E, LegAnswered): Call._on_late_answer,  # type: ignore[dict-item]
+    (_E, LegRejected): Call._on_late_reject,  # type: ignore[dict-item]
+    (_E, HangupReceived): Call._on_hangup,  # type: ignore[dict-item]
+    (_E, CallerLost): Call._on_party_lost,  # type: ignore[dict-item]
+    (_E, LegLost): Call._on_party_lost,  # type: ignore[dict-item]
+    (_E, UpdateReceived): Call._on_update,  # type: ignore[dict-item]
+    (_E, UpdateAnswered): Call._on_update_answer,  # type: ignore[dict-item]
+    (_E, TimerFired): Call._on_update_timer,  # type: ignore[dict-item]
+    (_E, IceReceived): Call._on_ice_connected,  # type: ignore[dict-item]
+}

@@ -1,0 +1,108 @@
+"""The `signaling` command: `serve` runs the server, `token` signs a registration token for local trials."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from aiohttp import web
+
+from signaling import config, log
+from signaling.auth import issue_token
+from signaling.clock import SystemClock
+from signaling.errors import StoreUnavailable
+
+logger = log.get_logger("signaling")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: config.Settings) -> int:
+    from signaling.server import create_app
+
+    log.configure(settings.log_level, settings.log_format)
+    if settings.uses_dev_secret:
+        if not _is_loopback(settings.host):
+            raise config.ConfigError(
+                "no JWT key configured: set SIPLITE_JWT_SECRET or SIPLITE_JWT_PUBLIC_KEY_FILE before "
+                f"listening on {settings.host}"
+            )
+        logger.warning(
+            "auth.dev_secret",
+            detail="no JWT key configured: using the built-in development secret (loopback only); "
+            "`signaling token USER` signs tokens for it",
+        )
+    if settings.redis_url is None:
+        logger.warning(
+            "store.embedded",
+            detail="no SIPLITE_REDIS_URL: using the in-memory store; this process cannot share state "
+            "with other processes",
+        )
+    app = create_app(settings)
+    logger.info("server.listening", host=settings.host, port=settings.port, node_id=settings.node_id)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,
+    )
+    logger.info("server.stopped", node_id=settings.node_id)
+    return 0
+
+
+def token(settings: config.Settings, user: str, name: str | None, ttl: float) -> int:
+    if settings.jwt_public_key_file is not None:
+        raise config.ConfigError(
+            "tokens for a public key are signed by the app backend with its private key, not by this command"
+        )
+    print(issue_token(user, key=settings.jwt_key(), now=SystemClock().now(), ttl=ttl, name=name))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="signaling", description=__doc__)
+    parser.add_argument("--config", help="TOML configuration file (environment variables override it)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the signaling server")
+    serve_p.add_argument("--host", help="address to listen on (SIPLITE_HOST)")
+    serve_p.add_argument("--port", type=int, help="port to listen on (SIPLITE_PORT)")
+    token_p = sub.add_parser(
+        "token", help="print a registration token for USER, signed with the configured secret"
+    )
+    token_p.add_argument("user")
+    token_p.add_argument("--name", help="display name shown to callees")
+    token_p.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(config_file=args.config)
+        if args.command == "serve":
+            overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+            if overrides:
+                settings = replace(settings, **overrides).validate()
+            return serve(settings)
+        return token(settings, args.user, args.name, args.ttl)
+    except config.ConfigError as exc:
+        print(f"signaling: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"signaling: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"signaling: cannot start: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

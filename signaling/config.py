@@ -1,0 +1,159 @@
+"""Configuration: defaults, then an optional TOML file, then `SIPLITE_*` environment variables.
+
+Every setting is a field of `Settings`; its environment variable is `SIPLITE_` + the field name in upper case,
+and its TOML key is the field name. The README's configuration table lists them all. Values are checked at
+start-up, and a bad one stops the server with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+# Used only when no JWT key is configured. The server then binds to loopback and says so loudly.
+DEV_JWT_SECRET: Final = "sip-lite-development-secret-do-not-use-in-production"  # noqa: S105 - dev only
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Redis URL (redis://, rediss://, unix://). Unset: the embedded in-memory store (one process only).
+    redis_url: str | None = None
+    redis_prefix: str = "siplite:"
+    # JWT verification: a shared secret (HS256) or a PEM public key file (ES256/RS256).
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 30.0
+    # Seconds a registration stays valid without a keepalive; also the presence TTL in the store.
+    presence_ttl: float = 60.0
+    # Seconds a new connection may take to send REGISTER before it is closed (4408).
+    register_timeout: float = 10.0
+    # Seconds between WebSocket pings from the server (keeps NAT bindings open; detects dead peers).
+    heartbeat: float = 25.0
+    ring_timeout: float = 60.0
+    update_timeout: float = 30.0
+    max_frame_bytes: int = 65536
+    max_devices_per_user: int = 10
+    max_calls_per_connection: int = 4
+    # Seconds a device record (with its push tokens) is kept after its last registration.
+    device_ttl: float = 30 * 86400.0
+    # Per-connection frame rate: sustained frames per second and burst size.
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    # Consecutive rejected frames after which the connection is closed (1008).
+    max_consecutive_errors: int = 10
+    # Seconds to wait for open sockets to close on shutdown.
+    shutdown_timeout: float = 5.0
+    node_id: str = field(default_factory=_default_node_id)
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.jwt_secret is None and self.jwt_public_key_file is None
+
+    def jwt_key(self) -> str:
+        """The key tokens are verified with (the public key file's text, or the secret)."""
+        if self.jwt_public_key_file is not None:
+            try:
+                return Path(self.jwt_public_key_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"SIPLITE_JWT_PUBLIC_KEY_FILE: cannot read it: {exc.strerror}") from None
+        return self.jwt_secret if self.jwt_secret is not None else DEV_JWT_SECRET
+
+    def algorithms(self) -> tuple[str, ...]:
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        return ("ES256", "RS256") if self.jwt_public_key_file is not None else ("HS256",)
+
+    def validate(self) -> Settings:
+        positive = (
+            "presence_ttl",
+            "register_timeout",
+            "heartbeat",
+            "ring_timeout",
+            "update_timeout",
+            "max_frame_bytes",
+            "max_devices_per_user",
+            "max_calls_per_connection",
+            "device_ttl",
+            "rate_limit",
+            "rate_burst",
+            "max_consecutive_errors",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"SIPLITE_{name.upper()} must be greater than 0")
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ConfigError("SIPLITE_PORT must be from 1 to 65535")
+        if self.max_frame_bytes < 4096:
+            raise ConfigError("SIPLITE_MAX_FRAME_BYTES must be at least 4096 (an SDP offer needs room)")
+        if self.jwt_secret is not None and len(self.jwt_secret) < 32:
+            raise ConfigError("SIPLITE_JWT_SECRET must be at least 32 characters")
+        if self.jwt_secret is not None and self.jwt_public_key_file is not None:
+            raise ConfigError("set SIPLITE_JWT_SECRET or SIPLITE_JWT_PUBLIC_KEY_FILE, not both")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError("SIPLITE_LOG_FORMAT must be auto, json or console")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("SIPLITE_LOG_LEVEL must be debug, info, warning or error")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("SIPLITE_REDIS_URL must start with redis://, rediss:// or unix://")
+        return self
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    text_kind = str(kind)
+    try:
+        if "tuple" in text_kind:
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if "int" in text_kind and "float" not in text_kind:
+            return int(raw)
+        if "float" in text_kind:
+            return float(raw)
+        return None if raw in ("", None) else str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"SIPLITE_{name.upper()}: {raw!r} is not a valid {text_kind}") from None
+
+
+def load(environ: Mapping[str, str] | None = None, config_file: str | None = None) -> Settings:
+    """Build settings from an optional TOML file and the environment (which wins), and validate them."""
+    env = os.environ if environ is None else environ
+    path = config_file or env.get("SIPLITE_CONFIG")
+    values: dict[str, Any] = {}
+    known = {f.name: f.type for f in fields(Settings)}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, raw in data.items():
+            if key not in known:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _convert(key, known[key], raw)
+    for key, kind in known.items():
+        raw = env.get(f"SIPLITE_{key.upper()}")
+        if raw is not None:
+            values[key] = _convert(key, kind, raw)
+    return replace(Settings(), **values).validate()

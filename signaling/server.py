@@ -1,0 +1,710 @@
+"""The aiohttp shell around the core: WebSocket connections, registration, and calls between online devices.
+
+`create_app()` builds the application that `signaling serve` runs and the tests import. The shell owns sockets,
+timers and the store; every call decision is the `Call` state machine's (signaling.call). This module is also the
+one place that turns errors into error responses and close codes.
+
+Close codes (see docs/PROTOCOL.md): 1001 server shutting down, 1008 too many bad frames, 1009 frame too large,
+4400 unsupported subprotocol, 4401 authentication failed or token expired, 4408 no REGISTER/keepalive in time,
+4409 the device registered again on another connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Final
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from signaling import call as core
+from signaling import log, wire
+from signaling.auth import Identity, TokenVerifier
+from signaling.clock import Clock, SystemClock, TimerHandle
+from signaling.config import Settings
+from signaling.errors import (
+    AuthenticationFailed,
+    CallIdInUse,
+    Forbidden,
+    InternalError,
+    LimitExceeded,
+    NoSuchCall,
+    NotRegistered,
+    PeerError,
+    RateLimited,
+    SipLiteError,
+    StaleSequence,
+    StoreUnavailable,
+)
+from signaling.models import Binding, CallPhase, CallRecord, Device
+from signaling.store import MemoryStore, Store
+
+logger = log.get_logger("signaling.server")
+
+
+class CloseCode(IntEnum):
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    BAD_SUBPROTOCOL = 4400
+    UNAUTHORIZED = 4401
+    TIMEOUT = 4408
+    REPLACED = 4409
+
+
+# How long past the ring timeout a call record outlives a call nobody cleaned up (for example a crashed node).
+_RECORD_SLACK: Final = 30.0
+# A call record of an answered call is kept this long; established calls are not expected to outlast it.
+_ANSWERED_RECORD_TTL: Final = 12 * 3600.0
+
+
+class TokenBucket:
+    """Frame rate limiting per connection, on the injected clock."""
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = now
+
+    def take(self, now: float) -> float:
+        """Take one token. Returns 0 when allowed, else the seconds until one is available."""
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
+
+
+class Connection:
+    """One client WebSocket: its encoding, its identity once registered, and the calls it takes part in."""
+
+    def __init__(self, ws: web.WebSocketResponse, encoding: wire.Encoding, bucket: TokenBucket) -> None:
+        self.ws = ws
+        self.encoding = encoding
+        self.conn_id = uuid.uuid4().hex
+        self.identity: Identity | None = None
+        self.device_id: str | None = None
+        self.bucket = bucket
+        self.last_seq = -1
+        self.out_seq = 0
+        self.errors = 0
+        self.last_seen = 0.0
+        self.calls: set[str] = set()  # as caller
+        self.legs: set[str] = set()  # as a callee device
+        self.timers: list[TimerHandle] = []
+        self.closing = False
+        self.cleaned = False
+
+    @property
+    def user_id(self) -> str | None:
+        return self.identity.user_id if self.identity else None
+
+    async def send(self, frame: wire.Outbound) -> None:
+        """Write one frame. Frames to a connection that is closing are dropped (its calls end with it)."""
+        if self.closing or self.ws.closed:
+            return
+        seq: int | None = None
+        if not isinstance(frame, wire.Response | wire.ErrorNotice):
+            self.out_seq += 1
+            seq = self.out_seq
+        data = wire.encode(frame, self.encoding, seq)
+        try:
+            if isinstance(data, bytes):
+                await self.ws.send_bytes(data)
+            else:
+                await self.ws.send_str(data)
+        except (ConnectionError, RuntimeError):
+            # The peer went away mid-write; the reader loop sees the close and cleans up.
+            self.closing = True
+
+    async def close(self, code: int, message: str) -> None:
+        self.closing = True
+        for timer in self.timers:
+            timer.cancel()
+        await self.ws.close(code=code, message=message.encode()[:120])
+
+
+@dataclass(slots=True)
+class CallHandle:
+    """A live call on this node: the core state machine plus the connections its parties hold."""
+
+    call: core.Call
+    record: CallRecord
+    caller: Connection
+    legs: dict[str, Connection]
+    timers: dict[core.TimerKind, TimerHandle] = field(default_factory=dict)
+
+
+class Switchboard:
+    """Connections, local bindings and live calls of this node, and the handling of every request."""
+
+    def __init__(self, settings: Settings, store: Store, clock: Clock, verifier: TokenVerifier) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.verifier = verifier
+        self.node_id = settings.node_id
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.bound: dict[tuple[str, str], Connection] = {}
+        self.calls: dict[str, CallHandle] = {}
+        self.timeouts = core.Timeouts(ring=settings.ring_timeout, update=settings.update_timeout)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: TimerHandle | None = None
+        self._handlers: dict[type[wire.Inbound], Callable[[Connection, wire.Inbound], Awaitable[None]]] = {
+            wire.Register: self._on_register,  # type: ignore[dict-item]
+            wire.Keepalive: self._on_keepalive,  # type: ignore[dict-item]
+            wire.Invite: self._on_invite,  # type: ignore[dict-item]
+            wire.Ack: self._on_ack,  # type: ignore[dict-item]
+            wire.Cancel: self._on_cancel,  # type: ignore[dict-item]
+            wire.Bye: self._on_bye,  # type: ignore[dict-item]
+            wire.Update: self._on_update,  # type: ignore[dict-item]
+            wire.Ice: self._on_ice,  # type: ignore[dict-item]
+            wire.Reply: self._on_reply,  # type: ignore[dict-item]
+        }
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._schedule_sweep()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        conns = list(self.connections)
+        await asyncio.gather(
+            *(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in conns), return_exceptions=True
+        )
+        for task in list(self._tasks):
+            task.cancel()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run work started from a timer callback, keeping a reference so it is neither lost nor collected."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except SipLiteError as exc:
+                logger.warning("task.failed", error=exc.error, detail=exc.detail)
+            except Exception:
+                logger.exception("task.crashed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule_sweep(self) -> None:
+        interval = self.settings.presence_ttl / 3
+        self._sweeper = self.clock.call_at(self.clock.now() + interval, self._sweep_due)
+
+    def _sweep_due(self) -> None:
+        self.spawn(self.sweep())
+        self._schedule_sweep()
+
+    async def sweep(self) -> None:
+        """Refresh this node's bindings in the store (one round trip) and close connections gone silent.
+
+        Bindings live `presence_ttl` seconds in the store and are refreshed every third of it, so a node that dies
+        leaves nothing behind for longer than `presence_ttl`.
+        """
+        now = self.clock.now()
+        ttl = self.settings.presence_ttl
+        silent = [c for c in self.bound.values() if now - c.last_seen > ttl]
+        for conn in silent:
+            logger.info("conn.keepalive_timeout", conn_id=conn.conn_id, user_id=conn.user_id)
+            await self._drop(conn, CloseCode.TIMEOUT, "no keepalive within the registration expiry")
+        live = [
+            Binding(user, device, c.conn_id, self.node_id, now + ttl) for (user, device), c in self.bound.items()
+        ]
+        if live:
+            await self.store.refresh(live)
+
+    # ------------------------------------------------------------------------------------------ connections
+
+    def opened(self, conn: Connection) -> None:
+        now = self.clock.now()
+        conn.last_seen = now
+        self.connections.add(conn)
+        conn.timers.append(
+            self.clock.call_at(now + self.settings.register_timeout, lambda: self._register_deadline(conn))
+        )
+        logger.debug("conn.opened", conn_id=conn.conn_id, encoding=conn.encoding.value)
+
+    def _register_deadline(self, conn: Connection) -> None:
+        if conn.identity is None and not conn.closing:
+            self.spawn(conn.close(CloseCode.TIMEOUT, "no REGISTER in time"))
+
+    async def _drop(self, conn: Connection, code: int, message: str) -> None:
+        await self.closed(conn)
+        await conn.close(code, message)
+
+    async def closed(self, conn: Connection) -> None:
+        """The connection ended: end or cancel what it took part in, then forget its binding."""
+        if conn.cleaned:
+            return
+        conn.cleaned = True
+        conn.closing = True
+        for timer in conn.timers:
+            timer.cancel()
+        for call_id in list(conn.calls):
+            handle = self.calls.get(call_id)
+            if handle is not None:
+                await self._step(handle, core.CallerLost())
+        for call_id in list(conn.legs):
+            handle = self.calls.get(call_id)
+            if handle is not None and conn.device_id is not None:
+                await self._step(handle, core.LegLost(conn.device_id))
+        if conn.identity is not None and conn.device_id is not None:
+            key = (conn.identity.user_id, conn.device_id)
+            if self.bound.get(key) is conn:
+                del self.bound[key]
+                try:
+                    await self.store.unregister(key[0], key[1], conn.conn_id)
+                except StoreUnavailable as exc:
+                    logger.warning("presence.unregister_failed", user_id=key[0], device_id=key[1], error=str(exc))
+        logger.debug("conn.closed", conn_id=conn.conn_id, user_id=conn.user_id)
+
+    # ------------------------------------------------------------------------------------------ frames
+
+    async def receive(self, conn: Connection, data: bytes | str) -> None:
+        """Handle one frame, answering every failure with its documented error. Never raises."""
+        frame: wire.Inbound | None = None
+        try:
+            frame = wire.decode(data)
+            wait = conn.bucket.take(self.clock.now())
+            if wait:
+                raise RateLimited("too many frames; slow down", retry_after=wire.retry_after(wait))
+            conn.last_seen = self.clock.now()
+            if not isinstance(frame, wire.Reply):
+                if frame.seq <= conn.last_seq:
+                    raise StaleSequence(
+                        f"seq {frame.seq} is not greater than the previous request's {conn.last_seq}"
+                    )
+                conn.last_seq = frame.seq
+            await self._handlers[type(frame)](conn, frame)
+            conn.errors = 0
+        except PeerError as exc:
+            await self._reject(conn, frame, exc)
+        except StoreUnavailable as exc:
+            logger.error("store.unavailable", error=str(exc))
+            await self._reject(conn, frame, exc)
+        except Exception:
+            logger.exception("frame.crashed", conn_id=conn.conn_id, user_id=conn.user_id)
+            await self._reject(conn, frame, InternalError("internal error; the request was not carried out"))
+
+    async def _reject(self, conn: Connection, frame: wire.Inbound | None, exc: SipLiteError) -> None:
+        if frame is not None:
+            exc.seq = frame.seq
+            exc.call_id = getattr(frame, "call_id", None)
+            if not isinstance(frame, wire.Reply):
+                exc.method = _method_of(frame)
+        out: wire.Outbound
+        field_name = exc.extra.get("field")
+        if isinstance(frame, wire.Reply) or exc.seq is None or exc.method is None:
+            out = wire.ErrorNotice(
+                exc.code,
+                exc.error,
+                exc.detail,
+                exc.seq,
+                exc.call_id,
+                field_name if isinstance(field_name, str) else None,
+            )
+        else:
+            retry = exc.extra.get("retry_after")
+            out = wire.Response(
+                exc.seq,
+                exc.method,
+                exc.code,
+                exc.call_id,
+                error=exc.error,
+                detail=exc.detail,
+                field=field_name if isinstance(field_name, str) else None,
+                retry_after=retry if isinstance(retry, float) else None,
+            )
+        await conn.send(out)
+        if isinstance(exc, AuthenticationFailed):
+            await self._drop(conn, CloseCode.UNAUTHORIZED, exc.detail)
+            return
+        if isinstance(exc, PeerError):
+            conn.errors += 1
+            if conn.errors >= self.settings.max_consecutive_errors:
+                logger.info("conn.too_many_errors", conn_id=conn.conn_id, user_id=conn.user_id)
+                await self._drop(conn, CloseCode.POLICY_VIOLATION, "too many bad frames")
+
+    # ------------------------------------------------------------------------------------------ registration
+
+    async def _on_register(self, conn: Connection, req: wire.Register) -> None:
+        identity = self.verifier.verify(req.token)
+        if conn.identity is not None and (
+            identity.user_id != conn.identity.user_id or req.device_id != conn.device_id
+        ):
+            raise Forbidden("this connection is registered as another user or device; open a new connection")
+        now = self.clock.now()
+        ttl = self.settings.presence_ttl
+        binding = Binding(identity.user_id, req.device_id, conn.conn_id, self.node_id, now + ttl)
+        device = Device(identity.user_id, req.device_id, req.push, now)
+        replaced = await self.store.register(binding, device, self.settings.max_devices_per_user)
+        key = (identity.user_id, req.device_id)
+        previous = self.bound.get(key)
+        conn.identity = identity
+        conn.device_id = req.device_id
+        self.bound[key] = conn
+        for timer in conn.timers:
+            timer.cancel()
+        conn.timers = [self.clock.call_at(identity.expires_at, lambda: self._token_expired(conn))]
+        await conn.send(
+            wire.Response(
+                req.seq,
+                wire.Method.REGISTER,
+                200,
+                user=identity.user_id,
+                device_id=req.device_id,
+                expires=int(ttl),
+            )
+        )
+        if previous is not None and previous is not conn:
+            logger.info("presence.replaced", user_id=key[0], device_id=key[1], conn_id=previous.conn_id)
+            await self._drop(previous, CloseCode.REPLACED, "device registered on another connection")
+        elif replaced is not None and replaced.node_id != self.node_id:
+            # Cross-node replacement is carried over the node bus (issue 4); until then the old binding
+            # simply loses its presence entry and its node closes it at its next keepalive sweep.
+            logger.info("presence.replaced_remote", user_id=key[0], device_id=key[1], node_id=replaced.node_id)
+        logger.info("presence.registered", user_id=key[0], device_id=key[1], conn_id=conn.conn_id)
+
+    def _token_expired(self, conn: Connection) -> None:
+        if not conn.closing:
+            logger.info("conn.token_expired", conn_id=conn.conn_id, user_id=conn.user_id)
+            self.spawn(self._drop(conn, CloseCode.UNAUTHORIZED, "token expired; register again with a new token"))
+
+    def _registered(self, conn: Connection) -> tuple[Identity, str]:
+        if conn.identity is None or conn.device_id is None:
+            raise NotRegistered("send REGISTER first")
+        return conn.identity, conn.device_id
+
+    async def _on_keepalive(self, conn: Connection, req: wire.Keepalive) -> None:
+        self._registered(conn)
+        await conn.send(
+            wire.Response(req.seq, wire.Method.KEEPALIVE, 200, expires=int(self.settings.presence_ttl))
+        )
+
+    # ------------------------------------------------------------------------------------------ calls
+
+    async def _on_invite(self, conn: Connection, req: wire.Invite) -> None:
+        identity, device_id = self._registered(conn)
+        if req.call_id in self.calls:
+            raise CallIdInUse(f"call id {req.call_id!r} is in use")
+        if len(conn.calls) >= self.settings.max_calls_per_connection:
+            raise LimitExceeded(f"at most {self.settings.max_calls_per_connection} outgoing calls per connection")
+        await conn.send(wire.Response(req.seq, wire.Method.INVITE, 100, req.call_id))
+        now = self.clock.now()
+        record = CallRecord(
+            call_id=req.call_id,
+            caller_user=identity.user_id,
+            caller_device=device_id,
+            callee_user=req.to,
+            node_id=self.node_id,
+            phase=CallPhase.RINGING,
+            created_at=now,
+        )
+        opened = await self.store.open_call(record, self.settings.ring_timeout + _RECORD_SLACK)
+        if not opened.created or req.call_id in self.calls:
+            raise CallIdInUse(f"call id {req.call_id!r} is in use")
+        legs: dict[str, Connection] = {}
+        for binding in opened.callee.bindings:
+            target = self.bound.get((binding.user_id, binding.device_id))
+            if target is None or target is conn or target.closing or target.conn_id != binding.conn_id:
+                continue
+            legs[binding.device_id] = target
+        if not legs:
+            await self.store.close_call(req.call_id)
+            code = 480 if opened.callee.devices else 404
+            logger.info("call.unreachable", call_id=req.call_id, user_id=identity.user_id, code=code)
+            await conn.send(wire.Response(req.seq, wire.Method.INVITE, code, req.call_id))
+            return
+        call = core.Call(
+            call_id=req.call_id,
+            caller_user=identity.user_id,
+            caller_device=device_id,
+            caller_name=identity.name,
+            callee_user=req.to,
+            invite_seq=req.seq,
+            sdp=req.sdp,
+            video=req.video,
+            devices=list(legs),
+            now=now,
+            timeouts=self.timeouts,
+        )
+        handle = CallHandle(call, record, conn, legs)
+        self.calls[req.call_id] = handle
+        conn.calls.add(req.call_id)
+        for leg in legs.values():
+            leg.legs.add(req.call_id)
+        logger.info("call.started", call_id=req.call_id, user_id=identity.user_id, devices=len(legs))
+        await self._apply(handle, call.start())
+
+    def _handle_for(self, conn: Connection, call_id: str) -> tuple[CallHandle, str | None]:
+        """The call and the device id the sender acts as (None for the caller). 481 for anyone else."""
+        self._registered(conn)
+        handle = self.calls.get(call_id)
+        if handle is not None:
+            if handle.caller is conn:
+                return handle, None
+            if conn.device_id is not None and handle.legs.get(conn.device_id) is conn:
+                return handle, conn.device_id
+        raise NoSuchCall(f"no call {call_id!r} on this connection")
+
+    def _caller_only(self, conn: Connection, call_id: str) -> CallHandle:
+        handle, device_id = self._handle_for(conn, call_id)
+        if device_id is not None:
+            raise NoSuchCall("only the caller sends this request")
+        return handle
+
+    async def _on_ack(self, conn: Connection, req: wire.Ack) -> None:
+        await self._step(self._caller_only(conn, req.call_id), core.CallerAcked(req.seq))
+
+    async def _on_cancel(self, conn: Connection, req: wire.Cancel) -> None:
+        await self._step(self._caller_only(conn, req.call_id), core.CallerCancelled(req.seq))
+
+    async def _on_bye(self, conn: Connection, req: wire.Bye) -> None:
+        handle, device_id = self._handle_for(conn, req.call_id)
+        await self._step(handle, core.HangupReceived(req.seq, device_id))
+
+    async def _on_update(self, conn: Connection, req: wire.Update) -> None:
+        handle, device_id = self._handle_for(conn, req.call_id)
+        await self._step(handle, core.UpdateReceived(req.seq, device_id, req.sdp))
+
+    async def _on_ice(self, conn: Connection, req: wire.Ice) -> None:
+        handle, device_id = self._handle_for(conn, req.call_id)
+        await self._step(handle, core.IceReceived(req.seq, device_id, req.ice))
+
+    async def _on_reply(self, conn: Connection, reply: wire.Reply) -> None:
+        handle, device_id = self._handle_for(conn, reply.call_id)
+        event: core.Event
+        if reply.method is wire.Method.UPDATE:
+            event = core.UpdateAnswered(device_id, reply.code, reply.sdp)
+        elif device_id is None:
+            raise NoSuchCall("the caller does not answer its own INVITE")
+        elif reply.code == 100:
+            return  # a device's "trying" adds nothing for the caller
+        elif reply.code < 200:
+            event = core.LegProgressed(device_id, reply.code, reply.sdp)
+        elif reply.code < 300:
+            if reply.sdp is None:  # pragma: no cover - the wire layer requires it
+                raise NoSuchCall("200 without sdp")
+            event = core.LegAnswered(device_id, reply.sdp)
+        else:
+            event = core.LegRejected(device_id, reply.code)
+        await self._step(handle, event)
+
+    async def _step(self, handle: CallHandle, event: core.Event) -> None:
+        before = handle.call.state
+        effects = handle.call.handle(event, self.clock.now())
+        if handle.call.state is not before:
+            logger.info(
+                "call.state_changed",
+                call_id=handle.call.call_id,
+                state=handle.call.state.value,
+                trigger=type(event).__name__,
+            )
+        await self._apply(handle, effects)
+
+    async def _apply(self, handle: CallHandle, effects: list[core.Effect]) -> None:
+        call_id = handle.call.call_id
+        for effect in effects:
+            if isinstance(effect, core.SendToCaller):
+                await handle.caller.send(effect.frame)
+            elif isinstance(effect, core.SendToDevice):
+                target = handle.legs.get(effect.device_id)
+                if target is not None:
+                    await target.send(effect.frame)
+            elif isinstance(effect, core.StartTimer):
+                kind = effect.kind
+                old = handle.timers.pop(kind, None)
+                if old is not None:
+                    old.cancel()
+                handle.timers[kind] = self.clock.call_at(
+                    effect.at, functools.partial(self._timer_fired, handle, kind)
+                )
+            elif isinstance(effect, core.StopTimer):
+                timer = handle.timers.pop(effect.kind, None)
+                if timer is not None:
+                    timer.cancel()
+            elif isinstance(effect, core.CallAnswered):
+                for device_id, leg in handle.legs.items():
+                    if device_id != effect.device_id:
+                        leg.legs.discard(call_id)
+                handle.record = replace(handle.record, phase=CallPhase.ANSWERED, answered_by=effect.device_id)
+                await self._store_quietly(self.store.update_call(handle.record, _ANSWERED_RECORD_TTL))
+            elif isinstance(effect, core.CallFinished):
+                self._forget(handle)
+                logger.info(
+                    "call.ended",
+                    call_id=call_id,
+                    reason=effect.reason.value if effect.reason else None,
+                    code=effect.code,
+                    duration_ms=round((self.clock.now() - handle.call.created_at) * 1000),
+                )
+                await self._store_quietly(self.store.close_call(call_id))
+
+    def _forget(self, handle: CallHandle) -> None:
+        call_id = handle.call.call_id
+        self.calls.pop(call_id, None)
+        handle.caller.calls.discard(call_id)
+        for leg in handle.legs.values():
+            leg.legs.discard(call_id)
+        for timer in handle.timers.values():
+            timer.cancel()
+        handle.timers.clear()
+
+    async def _store_quietly(self, op: Awaitable[None]) -> None:
+        """Store writes after the parties were told: a failure is logged, and the record's TTL cleans up."""
+        try:
+            await op
+        except StoreUnavailable as exc:
+            logger.warning("store.write_failed", error=str(exc))
+
+    def _timer_fired(self, handle: CallHandle, kind: core.TimerKind) -> None:
+        handle.timers.pop(kind, None)
+        if self.calls.get(handle.call.call_id) is handle:
+            self.spawn(self._step(handle, core.TimerFired(kind)))
+
+
+def _method_of(frame: wire.Inbound) -> str:
+    return {
+        wire.Register: "register",
+        wire.Invite: "invite",
+        wire.Ack: "ack",
+        wire.Cancel: "cancel",
+        wire.Bye: "bye",
+        wire.Update: "update",
+        wire.Ice: "ice",
+        wire.Keepalive: "keepalive",
+    }.get(type(frame), "response")
+
+
+# ---------------------------------------------------------------------------------------------- aiohttp app
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+SWITCHBOARD = web.AppKey("switchboard", Switchboard)
+
+
+def _choose_encoding(request: web.Request) -> wire.Encoding | None:
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if not offered:
+        return wire.DEFAULT_ENCODING
+    for name in offered:
+        if name in wire.SUBPROTOCOLS:
+            return wire.SUBPROTOCOLS[name]
+    return None
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    board = app[SWITCHBOARD]
+    encoding = _choose_encoding(request)
+    if encoding is None:
+        raise web.HTTPBadRequest(
+            text="unsupported WebSocket subprotocol; this server speaks " + ", ".join(wire.SUBPROTOCOLS)
+        )
+    ws = web.WebSocketResponse(
+        protocols=tuple(wire.SUBPROTOCOLS),
+        heartbeat=settings.heartbeat,
+        max_msg_size=settings.max_frame_bytes,
+        compress=False,
+    )
+    await ws.prepare(request)
+    conn = Connection(ws, encoding, TokenBucket(settings.rate_limit, settings.rate_burst, board.clock.now()))
+    board.opened(conn)
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY or msg.type is WSMsgType.TEXT:
+                await board.receive(conn, msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                break
+    finally:
+        await board.closed(conn)
+    if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+        logger.info("conn.frame_too_large", conn_id=conn.conn_id, user_id=conn.user_id)
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "node_id": request.app[SETTINGS].node_id})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[STORE].ping():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "store unreachable"}, status=503)
+
+
+def build_store(settings: Settings, clock: Clock) -> Store:
+    if settings.redis_url is None:
+        return MemoryStore(clock, device_ttl=settings.device_ttl)
+    from signaling.store.redis import RedisStore
+
+    return RedisStore(settings.redis_url, clock, prefix=settings.redis_prefix, device_ttl=settings.device_ttl)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    clock: Clock | None = None,
+    verifier: TokenVerifier | None = None,
+) -> web.Application:
+    """The SIP-lite application: `/ws` (the protocol), `/healthz`, `/readyz`. Parts may be injected for tests."""
+    settings = settings or Settings()
+    clock = clock or SystemClock()
+    store = store or build_store(settings, clock)
+    verifier = verifier or TokenVerifier(
+        key=settings.jwt_key(),
+        algorithms=settings.algorithms(),
+        clock=clock,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway=settings.jwt_leeway,
+    )
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[STORE] = store
+    board = Switchboard(settings, store, clock, verifier)
+    app[SWITCHBOARD] = board
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.start()
+        logger.info(
+            "store.ready",
+            backend=type(store).__name__,
+            single_process=settings.redis_url is None,
+            node_id=settings.node_id,
+        )
+        yield
+        await store.close()
+
+    async def board_ctx(app: web.Application) -> AsyncIterator[None]:
+        board.start()
+        yield
+
+    async def close_sockets(app: web.Application) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(board.stop(), settings.shutdown_timeout)
+
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(board_ctx)
+    app.on_shutdown.append(close_sockets)
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,83 @@
+"""The store interface. Each method is one round trip to the backend, so a call setup costs at most three."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from signaling.errors import StoreUnavailable
+from signaling.models import Binding, CallRecord, Device
+
+__all__ = ["CallOpened", "Presence", "Store", "StoreUnavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """What the store knows of a user: every known device (live or asleep) and the live bindings.
+
+    `devices` is empty for a user who never registered (the server answers 404); a user with devices but no
+    bindings is offline (480, or a push wake-up).
+    """
+
+    devices: tuple[Device, ...]
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallOpened:
+    """Result of `Store.open_call`: whether the call id was free, and the callee's presence at that moment."""
+
+    created: bool
+    callee: Presence
+
+
+class Store(Protocol):
+    """Registrations, presence and call records.
+
+    Every method raises `StoreUnavailable` when the backend cannot be reached. Expiry follows the clock the store
+    was built with: a binding whose `expires_at` has passed is never returned, whatever the backend still holds.
+    """
+
+    async def start(self) -> None:
+        """Connect and check the backend answers; raise `StoreUnavailable` otherwise."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the backend answers now (for `/readyz`)."""
+        ...
+
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
+        """Atomically record `device` (with its push binding) and make `binding` its live registration.
+
+        Returns the binding this replaced when it belonged to another connection and had not expired, so the
+        caller can close that connection: a device is never bound twice. When the user would have more than
+        `max_devices` device records, the least recently registered other devices are forgotten.
+        """
+        ...
+
+    async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:
+        """Remove the live binding of (user, device) if it still belongs to `conn_id`; True if removed."""
+        ...
+
+    async def refresh(self, bindings: Sequence[Binding]) -> None:
+        """Move each binding's expiry to its new `expires_at`, for bindings still owned by their connection."""
+        ...
+
+    async def presence(self, user_id: str) -> Presence: ...
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        """Drop a device record and any binding it has (for example when APNs rejects its token)."""
+        ...
+
+    async def open_call(self, record: CallRecord, ttl: float) -> CallOpened:
+        """Create the call record if its id is free, and read the callee's presence, in one round trip."""
+        ...
+
+    async def update_call(self, record: CallRecord, ttl: float) -> None: ...
+
+    async def get_call(self, call_id: str) -> CallRecord | None: ...
+
+    async def close_call(self, call_id: str) -> None: ...

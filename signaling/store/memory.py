@@ -1,0 +1,195 @@
+"""The embedded store: plain dicts in one process.
+
+Good for a single-node deployment and for tests. Expiry follows the injected clock exactly as in `RedisStore`:
+a binding, call record or device record past its deadline is treated as absent on every read, and the
+leftovers are swept out at most once per `SWEEP_INTERVAL` of clock time, on the next write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from signaling.clock import Clock
+from signaling.models import Binding, CallRecord, Device
+from signaling.store.base import CallOpened, Presence
+
+__all__ = ["DEFAULT_DEVICE_TTL", "SWEEP_INTERVAL", "MemoryStore", "check_register_args"]
+
+DEFAULT_DEVICE_TTL = 30 * 86400.0
+"""A device record not re-registered for this long (seconds) is forgotten."""
+
+SWEEP_INTERVAL = 60.0
+"""Clock seconds between sweeps of expired entries (a sweep walks every entry once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredCall:
+    record: CallRecord
+    expires_at: float
+
+
+class MemoryStore:
+    """A `Store` kept in this process's memory; it never raises `StoreUnavailable`.
+
+    Device records expire `device_ttl` seconds after their `registered_at`, bindings at their `expires_at`,
+    call records `ttl` seconds after they were last written, all measured by `clock`.
+    """
+
+    def __init__(self, clock: Clock, *, device_ttl: float = DEFAULT_DEVICE_TTL) -> None:
+        if device_ttl <= 0:
+            raise ValueError("device_ttl must be positive")
+        self._clock = clock
+        self._device_ttl = device_ttl
+        self._devices: dict[str, dict[str, Device]] = {}
+        self._bindings: dict[tuple[str, str], Binding] = {}
+        self._calls: dict[str, _StoredCall] = {}
+        self._next_sweep = clock.now() + SWEEP_INTERVAL
+
+    async def start(self) -> None:
+        """Nothing to connect to: always succeeds."""
+
+    async def close(self) -> None:
+        """Nothing to release; the data stays readable."""
+
+    async def ping(self) -> bool:
+        """Always True: the store is this process."""
+        return True
+
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
+        """See `Store.register`. Raises `ValueError` if binding and device disagree or `max_devices < 1`."""
+        check_register_args(binding, device, max_devices)
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        key = (binding.user_id, binding.device_id)
+        previous = self._bindings.get(key)
+        replaced = None
+        if previous is not None and previous.conn_id != binding.conn_id and previous.expires_at > now:
+            replaced = previous
+        devices = self._devices.setdefault(device.user_id, {})
+        devices[device.device_id] = device
+        self._bindings[key] = binding
+
+        others: list[Device] = []
+        for other in list(devices.values()):
+            if other.device_id == device.device_id:
+                continue
+            if self._device_expired(other, now):
+                self._forget(other.user_id, other.device_id)
+            else:
+                others.append(other)
+        excess = len(others) + 1 - max_devices
+        if excess > 0:
+            others.sort(key=lambda d: (d.registered_at, d.device_id))
+            for evicted in others[:excess]:
+                self._forget(evicted.user_id, evicted.device_id)
+        return replaced
+
+    async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:
+        """See `Store.unregister`. An expired binding is dropped but does not count as removed."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        key = (user_id, device_id)
+        current = self._bindings.get(key)
+        if current is None or current.conn_id != conn_id:
+            return False
+        del self._bindings[key]
+        return current.expires_at > now
+
+    async def refresh(self, bindings: Sequence[Binding]) -> None:
+        """See `Store.refresh`. A binding that has already expired is not revived: re-register instead."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        for binding in bindings:
+            key = (binding.user_id, binding.device_id)
+            current = self._bindings.get(key)
+            if current is not None and current.conn_id == binding.conn_id and current.expires_at > now:
+                self._bindings[key] = binding
+
+    async def presence(self, user_id: str) -> Presence:
+        """See `Store.presence`. Devices are ordered by device id; bindings follow their devices."""
+        return self._presence(user_id, self._clock.now())
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        """See `Store.forget_device`. Forgetting an unknown device is not an error."""
+        self._maybe_sweep(self._clock.now())
+        self._forget(user_id, device_id)
+
+    async def open_call(self, record: CallRecord, ttl: float) -> CallOpened:
+        """See `Store.open_call`. An expired record with the same id counts as free."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        existing = self._calls.get(record.call_id)
+        created = existing is None or existing.expires_at <= now
+        if created:
+            self._calls[record.call_id] = _StoredCall(record, now + ttl)
+        return CallOpened(created=created, callee=self._presence(record.callee_user, now))
+
+    async def update_call(self, record: CallRecord, ttl: float) -> None:
+        """Create or replace the call record; it expires `ttl` seconds from now."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        self._calls[record.call_id] = _StoredCall(record, now + ttl)
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        """The call record, or None if it was never opened, was closed, or has expired."""
+        stored = self._calls.get(call_id)
+        if stored is None or stored.expires_at <= self._clock.now():
+            return None
+        return stored.record
+
+    async def close_call(self, call_id: str) -> None:
+        """Drop the call record; closing an unknown call is not an error."""
+        self._calls.pop(call_id, None)
+
+    def _presence(self, user_id: str, now: float) -> Presence:
+        devices = tuple(
+            device
+            for _, device in sorted(self._devices.get(user_id, {}).items())
+            if not self._device_expired(device, now)
+        )
+        bindings = tuple(
+            binding
+            for device in devices
+            if (binding := self._bindings.get((user_id, device.device_id))) is not None
+            and binding.expires_at > now
+        )
+        return Presence(devices=devices, bindings=bindings)
+
+    def _device_expired(self, device: Device, now: float) -> bool:
+        return device.registered_at + self._device_ttl <= now
+
+    def _forget(self, user_id: str, device_id: str) -> None:
+        devices = self._devices.get(user_id)
+        if devices is not None:
+            devices.pop(device_id, None)
+            if not devices:
+                del self._devices[user_id]
+        self._bindings.pop((user_id, device_id), None)
+
+    def _maybe_sweep(self, now: float) -> None:
+        # Reads filter by the clock, so sweeping is only about memory: amortised over writes, bounded by
+        # what expired during one interval, and deterministic under a ManualClock (no background task).
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL
+        for key in [k for k, b in self._bindings.items() if b.expires_at <= now]:
+            del self._bindings[key]
+        for call_id in [c for c, s in self._calls.items() if s.expires_at <= now]:
+            del self._calls[call_id]
+        stale = [
+            (d.user_id, d.device_id)
+            for devices in self._devices.values()
+            for d in devices.values()
+            if self._device_expired(d, now)
+        ]
+        for user_id, device_id in stale:
+            self._forget(user_id, device_id)
+
+
+def check_register_args(binding: Binding, device: Device, max_devices: int) -> None:
+    """Raise `ValueError` for `register` arguments that would corrupt a store (shared by both backends)."""
+    if (binding.user_id, binding.device_id) != (device.user_id, device.device_id):
+        raise ValueError("binding and device name different (user_id, device_id) pairs")
+    if max_devices < 1:
+        raise ValueError("max_devices must be at least 1")

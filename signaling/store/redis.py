@@ -1,0 +1,610 @@
+"""The shared store: Redis, so that any number of signaling processes act as one.
+
+Key layout (`P` is the prefix, `siplite:` by default; `<user>` and `<call>` are escaped, see `_tag`):
+
+    P{<user>}:devs          hash   device_id -> JSON {"registered_at", "push"}      TTL: newest device + device_ttl
+    P{<user>}:b:<device_id> string JSON {"conn_id", "node_id", "expires_at"}      TTL: expires_at
+    Pcall:{<call>}          string JSON call record + "expires_at"               TTL: now + ttl
+
+The braces are Redis Cluster hash tags: every key of one user lives in one slot, so the Lua scripts that touch
+a user's devices and bindings together stay legal on a cluster, and a call record lives in a slot of its own.
+
+Logical expiry is in the values and is checked against the injected clock on every read (and inside the
+scripts, with `now` passed as an argument). Redis TTLs only collect garbage: each is the logical lifetime
+rounded up plus `GC_SLACK` seconds, so processes whose clocks disagree by less than that agree on what exists.
+
+Every method is one round trip (a single command, script, or pipeline), as `signaling.store.base` promises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+
+from signaling.clock import Clock
+from signaling.errors import StoreUnavailable
+from signaling.models import (
+    Binding,
+    CallPhase,
+    CallRecord,
+    Device,
+    Platform,
+    PushBinding,
+    PushEnvironment,
+)
+from signaling.store.base import CallOpened, Presence
+from signaling.store.memory import DEFAULT_DEVICE_TTL, check_register_args
+
+__all__ = ["DEFAULT_PREFIX", "GC_SLACK", "RedisStore"]
+
+DEFAULT_PREFIX: Final = "siplite:"
+
+GC_SLACK: Final = 5
+"""Seconds a key outlives its logical expiry in Redis, to absorb clock skew between processes."""
+
+_SOCKET_TIMEOUT: Final = 2.0
+"""Connect and read timeout (seconds) for the client built from a URL; the URL's query string can override."""
+
+_Arg = str | int | float
+_T = TypeVar("_T")
+
+
+# --- Lua -------------------------------------------------------------------------------------------------------
+# Scripts touch only keys of one user (one hash tag). Binding keys are built from a prefix in ARGV rather than
+# declared in KEYS because the device ids are only known inside the script; Redis Cluster accepts this since
+# they hash to the same slot as KEYS[1].
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        # Redis names cached scripts by the SHA-1 of their source.
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+_REGISTER = _Script(
+    "register",
+    """
+-- KEYS: devices hash, this device's binding.
+-- ARGV: device_id, device_json, binding_json, conn_id, now, binding_ttl, max_devices, device_ttl,
+--       binding key prefix, gc slack.
+local device_id, now = ARGV[1], tonumber(ARGV[5])
+local max_devices, device_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local prefix, slack = ARGV[9], tonumber(ARGV[10])
+
+local replaced = false
+local previous = redis.call('GET', KEYS[2])
+if previous then
+  local b = cjson.decode(previous)
+  if b.conn_id ~= ARGV[4] and b.expires_at > now then replaced = previous end
+end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[6])
+
+local newest = cjson.decode(ARGV[2]).registered_at
+local others = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local id = fields[i]
+  if id ~= device_id then
+    local at = cjson.decode(fields[i + 1]).registered_at
+    if at + device_ttl <= now then
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('DEL', prefix .. id)
+    else
+      others[#others + 1] = {id, at}
+    end
+  end
+end
+redis.call('HSET', KEYS[1], device_id, ARGV[2])
+
+-- Oldest first; ties by device id in byte order (Lua's "<" on strings follows the server's locale).
+local function older(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  for i = 1, math.min(#a[1], #b[1]) do
+    local x, y = string.byte(a[1], i), string.byte(b[1], i)
+    if x ~= y then return x < y end
+  end
+  return #a[1] < #b[1]
+end
+local excess = #others + 1 - max_devices
+if excess > 0 then
+  table.sort(others, older)
+  for i = 1, excess do
+    redis.call('HDEL', KEYS[1], others[i][1])
+    redis.call('DEL', prefix .. others[i][1])
+  end
+else
+  excess = 0
+end
+for i = excess + 1, #others do
+  if others[i][2] > newest then newest = others[i][2] end
+end
+local ttl = math.max(0, math.ceil(newest + device_ttl - now)) + slack
+redis.call('EXPIRE', KEYS[1], string.format('%d', ttl))
+return replaced
+""",
+)
+
+_UNREGISTER = _Script(
+    "unregister",
+    """
+-- KEYS: binding. ARGV: conn_id, now. Deletes only a binding owned by conn_id; 1 if it was also still live.
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local b = cjson.decode(current)
+if b.conn_id ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if b.expires_at > tonumber(ARGV[2]) then return 1 end
+return 0
+""",
+)
+
+_REFRESH = _Script(
+    "refresh",
+    """
+-- KEYS: binding. ARGV: conn_id, binding_json, ttl, now. Replaces only a live binding owned by conn_id.
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local b = cjson.decode(current)
+if b.conn_id ~= ARGV[1] or b.expires_at <= tonumber(ARGV[4]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+""",
+)
+
+_PRESENCE = _Script(
+    "presence",
+    """
+-- KEYS: devices hash. ARGV: binding key prefix. Returns {HGETALL of devices, binding or nil per device}.
+local fields = redis.call('HGETALL', KEYS[1])
+local bindings = {}
+for i = 1, #fields, 2 do
+  bindings[#bindings + 1] = redis.call('GET', ARGV[1] .. fields[i])
+end
+return {fields, bindings}
+""",
+)
+
+_FORGET = _Script(
+    "forget_device",
+    """
+-- KEYS: devices hash, binding. ARGV: device_id.
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 0
+""",
+)
+
+_CREATE_CALL = _Script(
+    "open_call",
+    """
+-- KEYS: call. ARGV: call_json, now, ttl. SET NX, except that a record past its logical expiry counts as free.
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current).expires_at > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+""",
+)
+
+_SCRIPTS: Final = (_REGISTER, _UNREGISTER, _REFRESH, _PRESENCE, _FORGET, _CREATE_CALL)
+
+
+@dataclass(frozen=True, slots=True)
+class _Eval:
+    script: _Script
+    keys: tuple[str, ...]
+    args: tuple[_Arg, ...]
+
+
+# --- keys --------------------------------------------------------------------------------------------------------
+
+
+def _tag(value: str) -> str:
+    """Escape an id for use inside a hash tag, injectively.
+
+    A tag ends at the first "}", so braces are escaped, and "%" too so that distinct ids stay distinct. The
+    empty id becomes a lone "%" (which no escaped id can be) because an empty tag "{}" would make Redis
+    Cluster hash the whole key and scatter the user's keys over several slots.
+    """
+    if not value:
+        return "%"
+    return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    prefix: str
+
+    def devices(self, user_id: str) -> str:
+        return f"{self.prefix}{{{_tag(user_id)}}}:devs"
+
+    def binding_prefix(self, user_id: str) -> str:
+        # The device id is the key's tail after a fixed separator, so it needs no escaping.
+        return f"{self.prefix}{{{_tag(user_id)}}}:b:"
+
+    def binding(self, user_id: str, device_id: str) -> str:
+        return self.binding_prefix(user_id) + device_id
+
+    def call(self, call_id: str) -> str:
+        return f"{self.prefix}call:{{{_tag(call_id)}}}"
+
+
+# --- values ------------------------------------------------------------------------------------------------------
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _gc_ttl(lifetime: float) -> int:
+    """Redis TTL (whole seconds, at least `GC_SLACK`) for something that logically lives `lifetime` more."""
+    return max(0, math.ceil(lifetime)) + GC_SLACK
+
+
+def _encode_device(device: Device) -> str:
+    push = device.push
+    return _dumps(
+        {
+            "registered_at": device.registered_at,
+            "push": None
+            if push is None
+            else {
+                "platform": push.platform.value,
+                "bundle_id": push.bundle_id,
+                "environment": push.environment.value,
+                "voip_token": push.voip_token,
+                "alert_token": push.alert_token,
+            },
+        }
+    )
+
+
+def _decode_device(user_id: str, device_id: str, raw: bytes | str) -> Device:
+    data = json.loads(raw)
+    push = data["push"]
+    return Device(
+        user_id=user_id,
+        device_id=device_id,
+        push=None
+        if push is None
+        else PushBinding(
+            platform=Platform(push["platform"]),
+            bundle_id=push["bundle_id"],
+            environment=PushEnvironment(push["environment"]),
+            voip_token=push["voip_token"],
+            alert_token=push["alert_token"],
+        ),
+        registered_at=float(data["registered_at"]),
+    )
+
+
+def _encode_binding(binding: Binding) -> str:
+    return _dumps({"conn_id": binding.conn_id, "node_id": binding.node_id, "expires_at": binding.expires_at})
+
+
+def _decode_binding(user_id: str, device_id: str, raw: bytes | str) -> Binding:
+    data = json.loads(raw)
+    return Binding(
+        user_id=user_id,
+        device_id=device_id,
+        conn_id=data["conn_id"],
+        node_id=data["node_id"],
+        expires_at=float(data["expires_at"]),
+    )
+
+
+def _encode_call(record: CallRecord, expires_at: float) -> str:
+    return _dumps(
+        {
+            "call_id": record.call_id,
+            "caller_user": record.caller_user,
+            "caller_device": record.caller_device,
+            "callee_user": record.callee_user,
+            "node_id": record.node_id,
+            "phase": record.phase.value,
+            "created_at": record.created_at,
+            "answered_by": record.answered_by,
+            "expires_at": expires_at,
+        }
+    )
+
+
+def _decode_call(raw: bytes | str) -> tuple[CallRecord, float]:
+    data = json.loads(raw)
+    record = CallRecord(
+        call_id=data["call_id"],
+        caller_user=data["caller_user"],
+        caller_device=data["caller_device"],
+        callee_user=data["callee_user"],
+        node_id=data["node_id"],
+        phase=CallPhase(data["phase"]),
+        created_at=float(data["created_at"]),
+        answered_by=data["answered_by"],
+    )
+    return record, float(data["expires_at"])
+
+
+# --- URL hygiene -------------------------------------------------------------------------------------------------
+
+
+def _describe_url(url: str) -> tuple[str, tuple[str, ...]]:
+    """Where a Redis URL points ("host:port" or a socket path), and the secrets it holds, for error messages."""
+    parts = urlsplit(url)
+    secrets = [parts.password or ""]
+    secrets += parse_qs(parts.query).get("password", [])
+    secrets += [unquote(s) for s in secrets]
+    if parts.scheme == "unix":
+        where = parts.path or "?"
+    else:
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            port = 6379
+        where = f"{parts.hostname or 'localhost'}:{port}"
+    return where, tuple(s for s in set(secrets) if s)
+
+
+class RedisStore:
+    """A `Store` in Redis, shared by every process that uses the same server and prefix.
+
+    `url` is a redis-py URL (`redis://[:password@]host:port/db`, `rediss://`, `unix://`); it also names the
+    server in error messages, with any password removed. `client` replaces the client built from `url`; the
+    store then leaves closing it to its owner. Device records expire `device_ttl` seconds after their
+    `registered_at`. Every method raises `StoreUnavailable` when Redis fails, except `ping`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        clock: Clock,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        device_ttl: float = DEFAULT_DEVICE_TTL,
+        client: redis.asyncio.Redis | None = None,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain braces (they delimit hash tags)")
+        if device_ttl <= 0:
+            raise ValueError("device_ttl must be positive")
+        self._clock = clock
+        self._keys = _Keys(prefix)
+        self._device_ttl = device_ttl
+        self._where, self._secrets = _describe_url(url)
+        self._owns_client = client is None
+        if client is None:
+            # One retry, on connection errors only: it hides a pooled connection that died (say, Redis
+            # restarted) without re-running a command that may have executed before a timeout.
+            client = redis.asyncio.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=_SOCKET_TIMEOUT,
+                socket_connect_timeout=_SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+            )
+        self._client = client
+
+    async def start(self) -> None:
+        """Check Redis answers and load the scripts; raise `StoreUnavailable` naming host:port otherwise."""
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.ping()
+            for script in _SCRIPTS:
+                pipe.script_load(script.source)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"cannot reach Redis at {self._where}: {self._scrub(exc)}") from exc
+
+    async def close(self) -> None:
+        """Close the client if this store built it (an injected client belongs to the caller)."""
+        if self._owns_client:
+            with self._translate("close"):
+                await self._client.aclose()
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING now; never raises."""
+        try:
+            return bool(await self._client.ping())
+        except Exception:
+            return False
+
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
+        """See `Store.register`: one script. Raises `ValueError` if binding and device disagree."""
+        check_register_args(binding, device, max_devices)
+        now = self._clock.now()
+        user_id, device_id = device.user_id, device.device_id
+        (previous,) = await self._eval(
+            "register",
+            _Eval(
+                _REGISTER,
+                (self._keys.devices(user_id), self._keys.binding(user_id, device_id)),
+                (
+                    device_id,
+                    _encode_device(device),
+                    _encode_binding(binding),
+                    binding.conn_id,
+                    repr(now),
+                    _gc_ttl(binding.expires_at - now),
+                    max_devices,
+                    repr(float(self._device_ttl)),
+                    self._keys.binding_prefix(user_id),
+                    GC_SLACK,
+                ),
+            ),
+        )
+        if previous is None:
+            return None
+        return self._decode(lambda: _decode_binding(user_id, device_id, previous))
+
+    async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:
+        """See `Store.unregister`: one compare-and-delete script."""
+        (removed,) = await self._eval(
+            "unregister",
+            _Eval(
+                _UNREGISTER,
+                (self._keys.binding(user_id, device_id),),
+                (conn_id, repr(self._clock.now())),
+            ),
+        )
+        return bool(removed)
+
+    async def refresh(self, bindings: Sequence[Binding]) -> None:
+        """See `Store.refresh`: one pipeline of compare-and-set scripts. Expired bindings are not revived."""
+        if not bindings:
+            return
+        now = self._clock.now()
+        await self._eval(
+            "refresh",
+            *(
+                _Eval(
+                    _REFRESH,
+                    (self._keys.binding(b.user_id, b.device_id),),
+                    (b.conn_id, _encode_binding(b), _gc_ttl(b.expires_at - now), repr(now)),
+                )
+                for b in bindings
+            ),
+        )
+
+    async def presence(self, user_id: str) -> Presence:
+        """See `Store.presence`: one script. Devices are ordered by device id; bindings follow their devices."""
+        now = self._clock.now()
+        (reply,) = await self._eval("presence", self._presence_eval(user_id))
+        return self._decode(lambda: self._decode_presence(user_id, reply, now))
+
+    async def forget_device(self, user_id: str, device_id: str) -> None:
+        """See `Store.forget_device`: one script. Forgetting an unknown device is not an error."""
+        await self._eval(
+            "forget_device",
+            _Eval(
+                _FORGET,
+                (self._keys.devices(user_id), self._keys.binding(user_id, device_id)),
+                (device_id,),
+            ),
+        )
+
+    async def open_call(self, record: CallRecord, ttl: float) -> CallOpened:
+        """See `Store.open_call`: one pipeline of the create script and the callee's presence script.
+
+        An expired record with the same id counts as free, as in `MemoryStore`.
+        """
+        now = self._clock.now()
+        created, reply = await self._eval(
+            "open_call",
+            _Eval(
+                _CREATE_CALL,
+                (self._keys.call(record.call_id),),
+                (_encode_call(record, now + ttl), repr(now), _gc_ttl(ttl)),
+            ),
+            self._presence_eval(record.callee_user),
+        )
+        callee = self._decode(lambda: self._decode_presence(record.callee_user, reply, now))
+        return CallOpened(created=bool(created), callee=callee)
+
+    async def update_call(self, record: CallRecord, ttl: float) -> None:
+        """Create or replace the call record (one SET); it expires `ttl` seconds from now."""
+        now = self._clock.now()
+        with self._translate("update_call"):
+            await self._client.set(
+                self._keys.call(record.call_id), _encode_call(record, now + ttl), ex=_gc_ttl(ttl)
+            )
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        """The call record (one GET), or None if it was never opened, was closed, or has expired."""
+        with self._translate("get_call"):
+            raw = await self._client.get(self._keys.call(call_id))
+        if raw is None:
+            return None
+        record, expires_at = self._decode(lambda: _decode_call(raw))
+        return record if expires_at > self._clock.now() else None
+
+    async def close_call(self, call_id: str) -> None:
+        """Drop the call record (one DEL); closing an unknown call is not an error."""
+        with self._translate("close_call"):
+            await self._client.delete(self._keys.call(call_id))
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _presence_eval(self, user_id: str) -> _Eval:
+        return _Eval(_PRESENCE, (self._keys.devices(user_id),), (self._keys.binding_prefix(user_id),))
+
+    def _decode_presence(self, user_id: str, reply: Any, now: float) -> Presence:
+        fields, raw_bindings = reply
+        entries = sorted((_text(fields[i]), fields[i + 1], raw_bindings[i // 2]) for i in range(0, len(fields), 2))
+        devices: list[Device] = []
+        bindings: list[Binding] = []
+        for device_id, raw_device, raw_binding in entries:
+            device = _decode_device(user_id, device_id, raw_device)
+            if device.registered_at + self._device_ttl <= now:
+                continue
+            devices.append(device)
+            if raw_binding is not None:
+                binding = _decode_binding(user_id, device_id, raw_binding)
+                if binding.expires_at > now:
+                    bindings.append(binding)
+        return Presence(devices=tuple(devices), bindings=tuple(bindings))
+
+    async def _eval(self, op: str, *calls: _Eval) -> list[Any]:
+        """Run scripts by SHA in one pipeline and return their replies; one round trip unless the server has
+        lost its script cache (restart, failover, SCRIPT FLUSH), when the missing scripts are loaded and only
+        the calls that did not run are sent again."""
+        with self._translate(op):
+            replies = await self._evalsha(calls)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                pipe = self._client.pipeline(transaction=False)
+                for script in {calls[i].script for i in missing}:
+                    pipe.script_load(script.source)
+                await pipe.execute()
+                for i, reply in zip(missing, await self._evalsha([calls[i] for i in missing]), strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+    async def _evalsha(self, calls: Sequence[_Eval]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    @contextmanager
+    def _translate(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis {op} failed at {self._where}: {self._scrub(exc)}") from exc
+
+    def _decode(self, decode: Callable[[], _T]) -> _T:
+        # A value we cannot read means another version or another program wrote under our prefix.
+        try:
+            return decode()
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise StoreUnavailable(
+                f"unreadable value in Redis at {self._where}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _scrub(self, exc: BaseException) -> str:
+        message = f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message

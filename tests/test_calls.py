@@ -1,0 +1,286 @@
+"""Calls between online devices, end to end: real server socket, real clients, both store backends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from signaling.client import CallFailed
+from tests.harness import ANSWER, OFFER, Harness
+
+
+async def test_two_party_call_from_invite_to_bye(sip: Harness) -> None:
+    alice = await sip.device("alice", name="Alice A.")
+    bob = await sip.device("bob")
+
+    call = await alice.invite("bob", OFFER, video=True)
+    assert call.responses[0]["code"] == 100
+
+    incoming = await bob.incoming()
+    assert incoming.caller == "alice"
+    assert incoming.caller_name == "Alice A."
+    assert incoming.sdp == OFFER
+    assert incoming.video is True
+    assert incoming.call_id == call.call_id
+
+    await incoming.ring()
+    ringing = await call.next_response()
+    assert (ringing["code"], ringing["reason"]) == (180, "Ringing")
+
+    await incoming.answer(ANSWER)
+    answer = await call.answered()
+    assert answer["code"] == 200
+    assert answer["sdp"] == ANSWER
+
+    await call.ack()
+    ack = await bob.next_event("ack")
+    assert ack["call_id"] == call.call_id
+
+    bye_ok = await call.hangup()
+    assert bye_ok["code"] == 200
+    bye = await bob.next_event("bye")
+    assert bye["reason"] == "remote_hangup"
+    assert not sip.board.calls
+
+
+async def test_callee_hangs_up(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    assert (await incoming.hangup())["code"] == 200
+    bye = await alice.next_event("bye")
+    assert (bye["call_id"], bye["reason"]) == (call.call_id, "remote_hangup")
+    # The call is gone for both: a second BYE is refused.
+    with pytest.raises(Exception, match="481"):
+        await call.hangup()
+
+
+async def test_json_and_msgpack_clients_talk_to_each_other(sip: Harness) -> None:
+    alice = await sip.device("alice", encoding="json")
+    bob = await sip.device("bob", encoding="msgpack")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+
+
+async def test_three_devices_ring_and_first_answer_wins(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    laptop = await sip.device("bob", "bob-laptop")
+
+    call = await alice.invite("bob", OFFER)
+    legs = [await d.incoming() for d in (phone, tablet, laptop)]
+    assert {leg.call_id for leg in legs} == {call.call_id}
+
+    for leg in legs:
+        await leg.ring()
+    assert (await call.next_response())["code"] == 180
+
+    await legs[1].answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    for device in (phone, laptop):
+        cancel = await device.next_event("cancel")
+        assert (cancel["call_id"], cancel["reason"]) == (call.call_id, "answered_elsewhere")
+
+    # The loser's late answer changes nothing: the winner keeps the call.
+    await legs[0].answer(ANSWER)
+    await call.ack()
+    assert (await tablet.next_event("ack"))["call_id"] == call.call_id
+    assert sip.board.calls[call.call_id].call.answered_by == "bob-tablet"
+
+
+async def test_caller_cancels_while_ringing(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+    await legs[0].ring()
+    await call.next_response()
+
+    assert (await call.cancel())["code"] == 200
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 487
+    for device in (phone, tablet):
+        assert (await device.next_event("cancel"))["reason"] == "caller_cancelled"
+    assert not sip.board.calls
+
+
+async def test_decline_on_one_device_declines_everywhere(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+    await legs[0].reject(603)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 603
+    assert (await tablet.next_event("cancel"))["reason"] == "declined_elsewhere"
+
+
+async def test_busy_on_every_device_gives_486(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+    await legs[0].reject(486)
+    await legs[1].reject(486)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 486
+
+
+async def test_one_busy_device_does_not_end_the_call(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+    await legs[0].reject(486)
+    await legs[1].answer(ANSWER)
+    assert (await call.answered())["code"] == 200
+
+
+async def test_callee_without_devices_gets_480_and_unknown_user_404(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    await bob.close()
+    with pytest.raises(CallFailed) as failed:
+        await (await alice.invite("bob", OFFER)).answered()
+    assert failed.value.code == 480
+    with pytest.raises(CallFailed) as unknown:
+        await (await alice.invite("nobody", OFFER)).answered()
+    assert unknown.value.code == 404
+
+
+async def test_ring_timeout_gives_408_and_cancels_devices(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.ring()
+    await call.next_response()
+
+    sip.clock.advance(sip.settings.ring_timeout - 1)
+    assert call.call_id in sip.board.calls
+    sip.clock.advance(1)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 408
+    assert (await bob.next_event("cancel"))["reason"] == "no_answer"
+
+
+async def test_ice_and_update_are_relayed_only_between_the_parties(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    carol = await sip.device("carol")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+
+    # Before the answer the caller's candidates reach every ringing device.
+    assert (await call.ice("candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host", "0", 0))["code"] == 200
+    for device in (phone, tablet):
+        ice = await device.next_event("ice")
+        assert (ice["candidate"].split()[0], ice["mid"], ice["mline_index"]) == ("candidate:1", "0", 0)
+
+    # A ringing device's early candidates are held back until it wins.
+    assert (await legs[1].ice("candidate:9 1 udp 1 192.0.2.9 9 typ host"))["code"] == 200
+    assert (await legs[0].ice("candidate:2 1 udp 1 192.0.2.2 2 typ host"))["code"] == 200
+    await legs[0].answer(ANSWER)
+    await call.answered()
+    relayed = await alice.next_event("ice")
+    assert relayed["candidate"].startswith("candidate:2 ")
+    await call.ack()
+
+    # After the answer: relayed to the answering device only.
+    await call.ice("candidate:3 1 udp 1 192.0.2.1 3 typ host")
+    assert (await phone.next_event("ice"))["candidate"].startswith("candidate:3 ")
+    await legs[0].ice("candidate:4 1 udp 1 192.0.2.2 4 typ host")
+    assert (await alice.next_event("ice"))["candidate"].startswith("candidate:4 ")
+
+    # UPDATE (hold) from the caller: relayed to the callee, whose answer returns to the caller.
+    update_task = asyncio.create_task(call.update(OFFER + "a=sendonly\r\n"))
+    update = await phone.next_event("update")
+    assert update["sdp"].endswith("a=sendonly\r\n")
+    await legs[0].answer_update(update, 200, ANSWER + "a=recvonly\r\n")
+    assert (await update_task)["sdp"].endswith("a=recvonly\r\n")
+
+    # UPDATE from the callee, the other way round.
+    update_task = asyncio.create_task(legs[0].update(ANSWER))
+    update = await alice.next_event("update")
+    await call.answer_update(update, 200, OFFER)
+    assert (await update_task)["sdp"] == OFFER
+
+    # Nobody else heard any of it.
+    assert [f for f in tablet.pending_events() if f["type"] != "cancel"] == []
+    assert carol.pending_events() == []
+
+
+async def test_update_glare_gets_491(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    first = asyncio.create_task(call.update(OFFER))
+    await bob.next_event("update")
+    with pytest.raises(Exception, match="491"):
+        await incoming.update(ANSWER)
+    sip.clock.advance(sip.settings.update_timeout)
+    with pytest.raises(Exception, match="408"):
+        await first
+
+
+async def test_caller_disconnect_cancels_ringing_devices(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    await alice.invite("bob", OFFER)
+    await bob.incoming()
+    await alice.close()
+    assert (await bob.next_event("cancel"))["reason"] == "caller_gone"
+
+
+async def test_peer_disconnect_ends_an_established_call(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    await bob.close()
+    bye = await alice.next_event("bye")
+    assert (bye["call_id"], bye["reason"]) == (call.call_id, "peer_gone")
+
+
+async def test_last_ringing_device_disconnecting_gives_480(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    await bob.incoming()
+    await bob.close()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 480
+
+
+async def test_calling_yourself_rings_your_other_devices_only(sip: Harness) -> None:
+    phone = await sip.device("alice", "alice-phone")
+    laptop = await sip.device("alice", "alice-laptop")
+    call = await phone.invite("alice", OFFER)
+    incoming = await laptop.incoming()
+    assert incoming.call_id == call.call_id
+    assert phone.pending_events() == []

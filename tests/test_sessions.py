@@ -1,0 +1,333 @@
+"""Connections end to end: authentication, impersonation, registration lifetime, and every class of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+
+from signaling.client import Client, ClientError
+from signaling.store.base import Presence
+from tests.harness import ANSWER, OFFER, PUSH, Harness
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+async def test_register_binds_the_authenticated_user(sip: Harness) -> None:
+    phone = await sip.connect()
+    response = await phone.register(sip.token("alice"), "alice-phone", push=PUSH)
+    assert (response["code"], response["user"], response["device_id"]) == (200, "alice", "alice-phone")
+    assert response["expires"] == int(sip.settings.presence_ttl)
+    presence = await sip.board.store.presence("alice")
+    assert [(b.device_id, b.node_id) for b in presence.bindings] == [("alice-phone", "node-a")]
+    assert presence.devices[0].push is not None
+    assert presence.devices[0].push.voip_token == PUSH["voip_token"]
+
+
+@pytest.mark.parametrize(
+    ("make_token", "detail"),
+    [
+        (lambda sip: sip.token("alice", key="another-secret-of-sufficient-length!!"), "signature"),
+        (lambda sip: sip.token("alice", ttl=-120), "expired"),
+        (lambda sip: "not.a.jwt", "malformed"),
+        (lambda sip: "", "malformed"),
+    ],
+    ids=["forged", "expired", "garbage", "empty"],
+)
+async def test_bad_tokens_get_401_and_the_socket_closed(sip: Harness, make_token: object, detail: str) -> None:
+    client = await sip.connect()
+    with pytest.raises(ClientError) as refused:
+        await client.register(make_token(sip), "phone")  # type: ignore[operator]
+    assert (refused.value.code, refused.value.error) == (401, "auth_failed")
+    assert detail in refused.value.response["detail"]
+    assert (await client.wait_closed()).code == 4401
+    assert (await sip.board.store.presence("alice")).bindings == ()
+
+
+async def test_missing_token_is_refused(sip: Harness) -> None:
+    client = await sip.connect()
+    with pytest.raises(ClientError) as refused:
+        await client.request("register", device_id="phone")
+    assert (refused.value.code, refused.value.error) == (400, "missing_field")
+    assert refused.value.response["field"] == "token"
+
+
+async def test_a_connection_cannot_switch_user(sip: Harness) -> None:
+    mallory = await sip.device("mallory")
+    with pytest.raises(ClientError) as refused:
+        await mallory.register(sip.token("bob"), "bob-phone")
+    assert refused.value.code == 403
+    assert (await sip.board.store.presence("bob")).bindings == ()
+
+
+async def test_identity_claims_in_frames_are_ignored(sip: Harness) -> None:
+    mallory = await sip.device("mallory")
+    bob = await sip.device("bob")
+    claims = {"from": "alice", "from_name": "Alice"}
+    await mallory.start_request("invite", call_id="c-imp", to="bob", sdp=OFFER, **claims)
+    incoming = await bob.incoming()
+    assert (incoming.caller, incoming.caller_name) == ("mallory", None)
+
+
+async def test_a_stranger_cannot_touch_someone_elses_call(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    carol = await sip.device("carol")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("cancel", {}),
+        ("bye", {}),
+        ("ack", {}),
+        ("update", {"sdp": OFFER}),
+        ("ice", {"candidate": "candidate:1 1 udp 1 192.0.2.66 1 typ host"}),
+    ]
+    for kind, fields in cases:
+        with pytest.raises(ClientError) as refused:
+            await carol.request(kind, call_id=call.call_id, **fields)
+        assert refused.value.code == 481, kind
+    # Carol answering bob's INVITE in his place is refused too, and said so.
+    await carol.send(
+        {"type": "response", "seq": 1, "method": "invite", "call_id": call.call_id, "code": 200, "sdp": ANSWER}
+    )
+    notice = await carol.next_event("error")
+    assert (notice["code"], notice["error"], notice["call_id"]) == (481, "no_such_call", call.call_id)
+    # The callee cannot CANCEL or ACK the caller's INVITE either.
+    with pytest.raises(ClientError) as refused:
+        await bob.request("cancel", call_id=call.call_id)
+    assert refused.value.code == 481
+    # The call went on untouched.
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+
+
+async def test_reregistering_a_device_replaces_the_old_connection(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    old = await sip.device("bob", "bob-phone")
+    call = await alice.invite("bob", OFFER)
+    await old.incoming()
+    new = await sip.device("bob", "bob-phone")
+    closed = await old.wait_closed()
+    assert closed.code == 4409
+    presence = await sip.board.store.presence("bob")
+    assert len(presence.bindings) == 1
+    # The ringing leg went with the old connection: the caller hears 480.
+    with pytest.raises(ClientError) as failed:
+        await call.answered()
+    assert failed.value.code == 480
+    # And new calls ring the new connection.
+    await alice.invite("bob", OFFER)
+    assert (await new.incoming()).caller == "alice"
+
+
+async def test_token_renewal_on_the_same_connection(sip: Harness) -> None:
+    bob = await sip.connect()
+    await bob.register(sip.token("bob", ttl=100), "bob-phone")
+    sip.clock.advance(60)
+    await bob.register(sip.token("bob", ttl=3600), "bob-phone")
+    for _ in range(10):  # well past the first token's expiry (100 s + leeway)
+        sip.clock.advance(20)
+        assert (await bob.keepalive())["code"] == 200
+
+
+async def test_expired_token_closes_the_connection(sip: Harness) -> None:
+    bob = await sip.connect()
+    await bob.register(sip.token("bob", ttl=20), "bob-phone")
+    sip.clock.advance(20 + sip.settings.jwt_leeway)
+    assert (await bob.wait_closed()).code == 4401
+
+
+# ---------------------------------------------------------------------------------------------- lifetime
+
+
+async def test_clean_disconnect_removes_the_binding_at_once(sip: Harness) -> None:
+    bob = await sip.device("bob")
+    await bob.close()
+    for _ in range(100):
+        if (await sip.board.store.presence("bob")).bindings == ():
+            break
+        await asyncio.sleep(0)  # yield to the server's close handling; no wall-clock wait
+    presence: Presence = await sip.board.store.presence("bob")
+    assert presence.bindings == ()
+    assert [d.device_id for d in presence.devices] == ["bob-phone"]
+
+
+async def test_no_register_in_time_closes_4408(sip: Harness) -> None:
+    client = await sip.connect()
+    await client.send({"type": "keepalive", "seq": 1})
+    await client.next_event()
+    sip.clock.advance(sip.settings.register_timeout)
+    assert (await client.wait_closed()).code == 4408
+
+
+async def test_silent_device_is_dropped_and_keepalives_keep_it(sip: Harness) -> None:
+    quiet = await sip.device("bob", "bob-quiet")
+    chatty = await sip.device("bob", "bob-chatty")
+    step = sip.settings.presence_ttl / 3
+    for _ in range(4):
+        await chatty.keepalive()
+        sip.clock.advance(step)
+    assert (await quiet.wait_closed()).code == 4408
+    await chatty.keepalive()
+    presence = await sip.board.store.presence("bob")
+    assert [b.device_id for b in presence.bindings] == ["bob-chatty"]
+
+
+async def test_bindings_are_refreshed_while_connected(sip: Harness) -> None:
+    bob = await sip.device("bob")
+    for _ in range(9):
+        await bob.keepalive()
+        sip.clock.advance(sip.settings.presence_ttl / 3)
+        await bob.keepalive()  # the sweep's store refresh has run by the time this is answered
+    assert [b.device_id for b in (await sip.board.store.presence("bob")).bindings] == ["bob-phone"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+async def test_undecodable_frames_get_an_error_and_the_connection_stays(sip: Harness) -> None:
+    client = await sip.connect()
+    await client.send_raw(b"\xc1\xff")
+    notice = await client.next_event("error")
+    assert (notice["code"], notice["error"]) == (400, "malformed")
+    await client.send_raw("{nope")
+    assert (await client.next_event("error"))["error"] == "malformed"
+    await client.send_raw(msgpack.packb("a string"))
+    assert (await client.next_event("error"))["error"] == "malformed"
+    assert (await client.register(sip.token("alice"), "phone"))["code"] == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "code", "error", "field"),
+    [
+        ("teleport", {}, 400, "unknown_type", None),
+        ("keepalive", {"v": 9}, 400, "unsupported_version", None),
+        ("invite", {"call_id": "c", "to": "bob"}, 400, "missing_field", "sdp"),
+        ("invite", {"call_id": 5, "to": "bob", "sdp": "x"}, 400, "invalid_field", "call_id"),
+        ("invite", {"call_id": "c", "to": "bob", "sdp": "x", "video": "yes"}, 400, "invalid_field", "video"),
+        ("bye", {"call_id": "nope"}, 481, "no_such_call", None),
+        ("update", {"call_id": "nope", "sdp": "x"}, 481, "no_such_call", None),
+    ],
+)
+async def test_bad_requests_get_their_documented_error_and_the_connection_stays(
+    sip: Harness, kind: str, fields: dict[str, Any], code: int, error: str, field: str | None
+) -> None:
+    client = await sip.device("alice")
+    with pytest.raises(ClientError) as refused:
+        await client.request(kind, **fields)
+    response = refused.value.response
+    assert (response["code"], response["error"], response.get("field")) == (code, error, field)
+    assert response["seq"] == 2  # it answers the request that was refused
+    assert (await client.keepalive())["code"] == 200
+
+
+async def test_stale_and_duplicate_seq_get_400(sip: Harness) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(sip.url, protocols=("siplite.v1.json",)) as ws,
+    ):
+        await ws.send_str(json.dumps({"type": "register", "seq": 5, "token": sip.token("a"), "device_id": "p"}))
+        assert json.loads(await ws.receive_str())["code"] == 200
+        for seq in (5, 4):
+            await ws.send_str(json.dumps({"type": "keepalive", "seq": seq}))
+            reply = json.loads(await ws.receive_str())
+            assert (reply["seq"], reply["code"], reply["error"]) == (seq, 400, "stale_seq")
+        await ws.send_str(json.dumps({"type": "keepalive", "seq": 6}))
+        assert json.loads(await ws.receive_str())["code"] == 200
+
+
+async def test_requests_before_register_get_403(sip: Harness) -> None:
+    client = await sip.connect()
+    with pytest.raises(ClientError) as refused:
+        await client.request("invite", call_id="c1", to="bob", sdp=OFFER)
+    assert (refused.value.code, refused.value.error) == (403, "not_registered")
+    assert (await client.register(sip.token("alice"), "phone"))["code"] == 200
+
+
+async def test_duplicate_invite_call_id_is_refused_and_the_first_call_survives(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER, call_id="dup-1")
+    incoming = await bob.incoming()
+    with pytest.raises(ClientError) as refused:
+        await (await alice.invite("bob", OFFER, call_id="dup-1")).answered()
+    assert (refused.value.code, refused.value.error) == (400, "call_id_in_use")
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["code"] == 200
+
+
+async def test_duplicate_bye_gets_481(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    await call.hangup()
+    with pytest.raises(ClientError) as refused:
+        await call.hangup()
+    assert refused.value.code == 481
+
+
+async def test_oversized_frame_closes_1009(sip: Harness) -> None:
+    client = await sip.device("alice")
+    await client.start_request("invite", call_id="big", to="bob", sdp="a" * sip.settings.max_frame_bytes)
+    assert (await client.wait_closed()).code == 1009
+
+
+async def test_a_client_that_keeps_sending_garbage_is_disconnected_and_others_are_not(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+
+    vandal = await sip.device("vandal")
+    for _ in range(sip.settings.max_consecutive_errors):
+        await vandal.send_raw(b"\xc1")
+    assert (await vandal.wait_closed()).code == 1008
+
+    assert (await call.hangup())["code"] == 200
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+
+
+async def test_frame_flood_is_rate_limited(sip: Harness) -> None:
+    client = await sip.device("alice")  # the REGISTER took one token of the burst
+    burst = sip.settings.rate_burst
+    txns = [await client.start_request("keepalive") for _ in range(burst + 2)]
+    answers = [await asyncio.wait_for(txn.responses.get(), 5) for txn in txns]
+    assert [a["code"] for a in answers].count(200) == burst - 1
+    limited = [a for a in answers if a["code"] != 200]
+    assert [(a["code"], a["error"]) for a in limited] == [(503, "rate_limited")] * 3
+    assert limited[0]["retry_after"] > 0
+    sip.clock.advance(1)
+    assert (await client.keepalive())["code"] == 200
+
+
+async def test_unknown_subprotocol_is_refused_at_the_handshake(sip: Harness) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await Client.connect(sip.url, protocols=("siplite.v2.msgpack",))
+    assert refused.value.status == 400
+
+
+async def test_no_subprotocol_means_json(sip: Harness) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(sip.url) as ws:
+        await ws.send_str(json.dumps({"type": "keepalive", "seq": 1}))
+        reply = json.loads(await ws.receive_str())
+        assert (reply["code"], reply["error"]) == (403, "not_registered")
+
+
+async def test_health_endpoints(sip: Harness) -> None:
+    base = sip.url.removesuffix("/ws")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/healthz") as resp:
+            assert resp.status == 200
+        async with session.get(base + "/readyz") as resp:
+            assert resp.status == 200

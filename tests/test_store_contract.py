@@ -1,0 +1,850 @@
+"""The store contract, written once and run against every backend.
+
+Time is a `ManualClock` shared by the test and the store: expiry is driven by `advance()`, never by sleeping,
+and Redis TTLs (garbage collection only) never come into play. Tests at the end are Redis-specific: key
+layout, command counts, and failure reporting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pytest
+import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from signaling.clock import ManualClock
+from signaling.errors import StoreUnavailable
+from signaling.models import (
+    Binding,
+    CallPhase,
+    CallRecord,
+    Device,
+    Platform,
+    PushBinding,
+    PushEnvironment,
+)
+from signaling.store.base import CallOpened, Presence, Store
+from signaling.store.memory import DEFAULT_DEVICE_TTL, SWEEP_INTERVAL, MemoryStore
+from signaling.store.redis import GC_SLACK, RedisStore
+from tests.redis_server import RedisServer, free_port
+
+PUSH = PushBinding(
+    platform=Platform.IOS,
+    bundle_id="org.example.siplite",
+    environment=PushEnvironment.PRODUCTION,
+    voip_token="ab" * 32,
+    alert_token="cd" * 32,
+)
+
+MANY = 100
+"""A `max_devices` that no test reaches unless it means to."""
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+
+
+class MakeStore(Protocol):
+    async def __call__(self, *, device_ttl: float = DEFAULT_DEVICE_TTL) -> Store: ...
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory backend, else the URL of an empty Redis."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def make_store(backend_url: str | None, manual_clock: ManualClock) -> AsyncIterator[MakeStore]:
+    """Build started stores of the backend under test (all on `manual_clock`), closed at teardown."""
+    stores: list[Store] = []
+
+    async def make(*, device_ttl: float = DEFAULT_DEVICE_TTL) -> Store:
+        store: Store
+        if backend_url is None:
+            store = MemoryStore(manual_clock, device_ttl=device_ttl)
+        else:
+            store = RedisStore(backend_url, manual_clock, device_ttl=device_ttl)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+async def store(make_store: MakeStore) -> Store:
+    return await make_store()
+
+
+@pytest.fixture
+async def redis_store(redis_url: str, manual_clock: ManualClock) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_url, manual_clock)
+    await store.start()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A separate client for looking behind the store's back."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def make_device(
+    clock: ManualClock,
+    user_id: str = "alice",
+    device_id: str = "phone",
+    *,
+    push: PushBinding | None = PUSH,
+    registered_at: float | None = None,
+) -> Device:
+    at = clock.now() if registered_at is None else registered_at
+    return Device(user_id=user_id, device_id=device_id, push=push, registered_at=at)
+
+
+def make_binding(
+    clock: ManualClock,
+    user_id: str = "alice",
+    device_id: str = "phone",
+    conn_id: str = "conn-1",
+    *,
+    node_id: str = "node-1",
+    ttl: float = 60.0,
+) -> Binding:
+    return Binding(user_id, device_id, conn_id, node_id, expires_at=clock.now() + ttl)
+
+
+async def register(
+    store: Store,
+    clock: ManualClock,
+    user_id: str = "alice",
+    device_id: str = "phone",
+    conn_id: str = "conn-1",
+    *,
+    node_id: str = "node-1",
+    ttl: float = 60.0,
+    max_devices: int = MANY,
+    registered_at: float | None = None,
+) -> tuple[Binding, Binding | None]:
+    """Register (user, device) on `conn_id`; return the new binding and what it replaced."""
+    binding = make_binding(clock, user_id, device_id, conn_id, node_id=node_id, ttl=ttl)
+    device = make_device(clock, user_id, device_id, registered_at=registered_at)
+    return binding, await store.register(binding, device, max_devices)
+
+
+def make_call(call_id: str = "call-1", callee: str = "bob", **changes: Any) -> CallRecord:
+    record = CallRecord(
+        call_id=call_id,
+        caller_user="alice",
+        caller_device="phone",
+        callee_user=callee,
+        node_id="node-1",
+        phase=CallPhase.RINGING,
+        created_at=1_800_000_000.25,
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def device_ids(presence: Presence) -> list[str]:
+    return [d.device_id for d in presence.devices]
+
+
+def conn_ids(presence: Presence) -> list[str]:
+    return [b.conn_id for b in presence.bindings]
+
+
+# --- registration and presence -----------------------------------------------------------------------------------
+
+
+async def test_register_then_presence(store: Store, manual_clock: ManualClock) -> None:
+    binding, replaced = await register(store, manual_clock)
+
+    assert replaced is None
+    assert await store.presence("alice") == Presence(devices=(make_device(manual_clock),), bindings=(binding,))
+    assert await store.presence("bob") == Presence(devices=(), bindings=())
+
+
+async def test_presence_of_unknown_user_is_empty(store: Store) -> None:
+    assert await store.presence("nobody") == Presence(devices=(), bindings=())
+
+
+async def test_presence_lists_every_device_and_only_live_bindings(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, device_id="phone", conn_id="c1", ttl=10)
+    await register(store, manual_clock, device_id="ipad", conn_id="c2", ttl=100)
+    manual_clock.advance(10)
+
+    presence = await store.presence("alice")
+
+    assert device_ids(presence) == ["ipad", "phone"]
+    assert conn_ids(presence) == ["c2"]
+
+
+async def test_reregister_from_another_connection_returns_the_replaced_binding(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    old, _ = await register(store, manual_clock, conn_id="c1", node_id="node-1")
+    manual_clock.advance(5)
+
+    new, replaced = await register(store, manual_clock, conn_id="c2", node_id="node-2")
+
+    assert replaced == old
+    presence = await store.presence("alice")
+    assert presence.bindings == (new,)
+    assert presence.devices == (make_device(manual_clock),)
+
+
+async def test_reregister_from_the_same_connection_replaces_nothing(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await register(store, manual_clock, conn_id="c1")
+    manual_clock.advance(5)
+
+    new, replaced = await register(store, manual_clock, conn_id="c1", ttl=120)
+
+    assert replaced is None
+    assert (await store.presence("alice")).bindings == (new,)
+
+
+async def test_expired_binding_is_absent_and_not_reported_as_replaced(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    old, _ = await register(store, manual_clock, conn_id="c1", ttl=30)
+    manual_clock.advance(29.5)
+    assert (await store.presence("alice")).bindings == (old,)
+
+    manual_clock.advance(0.5)  # now == expires_at: expired
+    presence = await store.presence("alice")
+    assert presence.bindings == ()
+    assert device_ids(presence) == ["phone"]
+
+    _, replaced = await register(store, manual_clock, conn_id="c2")
+    assert replaced is None
+
+
+async def test_register_rejects_inconsistent_arguments(store: Store, manual_clock: ManualClock) -> None:
+    binding = make_binding(manual_clock, device_id="phone")
+    with pytest.raises(ValueError, match="device_id"):
+        await store.register(binding, make_device(manual_clock, device_id="ipad"), MANY)
+    with pytest.raises(ValueError, match="max_devices"):
+        await store.register(binding, make_device(manual_clock), 0)
+    assert await store.presence("alice") == Presence(devices=(), bindings=())
+
+
+async def test_unregister_only_by_the_owning_connection(store: Store, manual_clock: ManualClock) -> None:
+    binding, _ = await register(store, manual_clock, conn_id="c1")
+
+    assert await store.unregister("alice", "phone", "c2") is False
+    assert (await store.presence("alice")).bindings == (binding,)
+
+    assert await store.unregister("alice", "phone", "c1") is True
+    presence = await store.presence("alice")
+    assert presence.bindings == ()
+    assert device_ids(presence) == ["phone"]  # the device record stays, for push
+    assert await store.unregister("alice", "phone", "c1") is False
+    assert await store.unregister("nobody", "phone", "c1") is False
+
+
+async def test_unregister_by_a_replaced_connection_leaves_the_new_binding(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await register(store, manual_clock, conn_id="c1")
+    new, _ = await register(store, manual_clock, conn_id="c2")
+
+    assert await store.unregister("alice", "phone", "c1") is False
+    assert (await store.presence("alice")).bindings == (new,)
+
+
+async def test_unregister_of_an_expired_binding_reports_nothing_removed(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await register(store, manual_clock, conn_id="c1", ttl=10)
+    manual_clock.advance(10)
+
+    assert await store.unregister("alice", "phone", "c1") is False
+
+
+async def test_refresh_extends_owned_bindings_and_ignores_the_rest(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await register(store, manual_clock, "alice", "phone", "c1", ttl=30)
+    await register(store, manual_clock, "alice", "ipad", "c2", ttl=30)
+    await register(store, manual_clock, "bob", "phone", "c3", ttl=30)
+    await register(store, manual_clock, "carol", "phone", "c4", ttl=30)
+    await register(store, manual_clock, "carol", "phone", "c5", ttl=30)  # c4 lost carol's phone
+    manual_clock.advance(20)
+
+    extended = [
+        make_binding(manual_clock, "alice", "phone", "c1", ttl=60),
+        make_binding(manual_clock, "bob", "phone", "c3", node_id="node-2", ttl=60),
+    ]
+    ignored = [
+        make_binding(manual_clock, "carol", "phone", "c4", ttl=60),  # no longer the owner
+        make_binding(manual_clock, "alice", "ipad", "c9", ttl=60),  # never the owner
+        make_binding(manual_clock, "dave", "phone", "c6", ttl=60),  # never registered
+    ]
+    await store.refresh([*extended, *ignored])
+    manual_clock.advance(30)  # past the original expiry, before the new one
+
+    assert (await store.presence("alice")).bindings == (extended[0],)
+    assert (await store.presence("bob")).bindings == (extended[1],)
+    assert (await store.presence("carol")).bindings == ()
+    assert await store.presence("dave") == Presence(devices=(), bindings=())
+
+
+async def test_refresh_does_not_revive_an_expired_binding(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, conn_id="c1", ttl=10)
+    manual_clock.advance(10)
+
+    await store.refresh([make_binding(manual_clock, conn_id="c1", ttl=60)])
+
+    assert (await store.presence("alice")).bindings == ()
+
+
+async def test_refresh_of_nothing_is_a_no_op(store: Store) -> None:
+    await store.refresh([])
+
+
+async def test_max_devices_evicts_the_least_recently_registered(store: Store, manual_clock: ManualClock) -> None:
+    for n, device_id in enumerate(["d1", "d2", "d3"]):
+        await register(store, manual_clock, device_id=device_id, conn_id=f"c{n}", max_devices=3)
+        manual_clock.advance(1)
+    # Re-registering a known device at the limit evicts nothing, and makes d1 the most recent.
+    await register(store, manual_clock, device_id="d1", conn_id="c9", max_devices=3)
+    assert device_ids(await store.presence("alice")) == ["d1", "d2", "d3"]
+    manual_clock.advance(1)
+
+    _, replaced = await register(store, manual_clock, device_id="d4", conn_id="c4", max_devices=3)
+
+    assert replaced is None  # eviction is not replacement
+    presence = await store.presence("alice")
+    assert device_ids(presence) == ["d1", "d3", "d4"]
+    assert sorted(conn_ids(presence)) == ["c2", "c4", "c9"]  # d2's binding went with it
+    assert await store.unregister("alice", "d2", "c1") is False
+
+
+async def test_max_devices_never_evicts_the_device_being_registered(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await register(store, manual_clock, device_id="new", conn_id="c1")
+    await register(store, manual_clock, device_id="newer", conn_id="c2")
+    oldest = manual_clock.now() - 1000
+
+    await register(store, manual_clock, device_id="old", conn_id="c3", registered_at=oldest, max_devices=1)
+
+    presence = await store.presence("alice")
+    assert device_ids(presence) == ["old"]
+    assert conn_ids(presence) == ["c3"]
+
+
+async def test_max_devices_breaks_ties_by_device_id_in_byte_order(store: Store, manual_clock: ManualClock) -> None:
+    for device_id in ["b", "a", "Z", "ü"]:  # byte order: "Z" < "a" < "b" < "ü"
+        await register(store, manual_clock, device_id=device_id, conn_id=device_id)
+
+    await register(store, manual_clock, device_id="new", conn_id="new", max_devices=3)
+
+    assert device_ids(await store.presence("alice")) == ["b", "new", "ü"]
+
+
+async def test_max_devices_counts_per_user(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, "alice", "phone", "c1", max_devices=1)
+    await register(store, manual_clock, "bob", "phone", "c2", max_devices=1)
+
+    assert device_ids(await store.presence("alice")) == ["phone"]
+    assert device_ids(await store.presence("bob")) == ["phone"]
+
+
+async def test_devices_not_reregistered_within_device_ttl_are_forgotten(
+    make_store: MakeStore, manual_clock: ManualClock
+) -> None:
+    store = await make_store(device_ttl=100)
+    await register(store, manual_clock, device_id="old", conn_id="c1", ttl=1000)
+    manual_clock.advance(50)
+    await register(store, manual_clock, device_id="new", conn_id="c2", ttl=1000)
+    manual_clock.advance(50)  # "old" is now device_ttl old
+
+    presence = await store.presence("alice")
+    assert device_ids(presence) == ["new"]
+    assert conn_ids(presence) == ["c2"]  # a forgotten device's binding is not presence
+
+    await register(store, manual_clock, device_id="old", conn_id="c3")
+    assert device_ids(await store.presence("alice")) == ["new", "old"]
+    manual_clock.advance(100)
+    assert await store.presence("alice") == Presence(devices=(), bindings=())
+
+
+async def test_expired_devices_do_not_count_towards_max_devices(
+    make_store: MakeStore, manual_clock: ManualClock
+) -> None:
+    store = await make_store(device_ttl=100)
+    await register(store, manual_clock, device_id="stale", conn_id="c1")
+    manual_clock.advance(90)
+    await register(store, manual_clock, device_id="live", conn_id="c2")
+    manual_clock.advance(10)
+
+    await register(store, manual_clock, device_id="third", conn_id="c3", max_devices=2)
+
+    assert device_ids(await store.presence("alice")) == ["live", "third"]
+
+
+async def test_forget_device_drops_the_record_and_its_binding(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, device_id="phone", conn_id="c1")
+    ipad, _ = await register(store, manual_clock, device_id="ipad", conn_id="c2")
+
+    await store.forget_device("alice", "phone")
+
+    presence = await store.presence("alice")
+    assert device_ids(presence) == ["ipad"]
+    assert presence.bindings == (ipad,)
+    assert await store.unregister("alice", "phone", "c1") is False
+    await store.forget_device("alice", "phone")  # again: not an error
+    await store.forget_device("nobody", "phone")
+
+
+@pytest.mark.parametrize(
+    "push",
+    [
+        PUSH,
+        PushBinding(Platform.IOS, "org.example.débug", PushEnvironment.SANDBOX, "ff" * 32, None),
+        PushBinding(Platform.IOS, "org.example.siplite", PushEnvironment.PRODUCTION, None, "ee"),
+        PushBinding(Platform.IOS, "org.example.siplite", PushEnvironment.SANDBOX, None, None),
+        None,
+    ],
+    ids=["both-tokens", "voip-only", "alert-only", "no-tokens", "no-push"],
+)
+async def test_device_records_round_trip_exactly(
+    store: Store, manual_clock: ManualClock, push: PushBinding | None
+) -> None:
+    device = Device("alice", "phone", push, registered_at=manual_clock.now() + 0.123456789)
+    binding = Binding("alice", "phone", "c1", "node-1", expires_at=manual_clock.now() + 59.987654321)
+
+    await store.register(binding, device, MANY)
+
+    assert await store.presence("alice") == Presence(devices=(device,), bindings=(binding,))
+
+
+# --- calls -------------------------------------------------------------------------------------------------------
+
+
+async def test_open_call_creates_once_and_reads_callee_presence(store: Store, manual_clock: ManualClock) -> None:
+    bob, _ = await register(store, manual_clock, "bob", "phone", "c-bob")
+    record = make_call()
+
+    opened = await store.open_call(record, ttl=60)
+
+    assert opened == CallOpened(
+        created=True,
+        callee=Presence(devices=(make_device(manual_clock, "bob", "phone"),), bindings=(bob,)),
+    )
+    again = await store.open_call(make_call(caller_user="mallory"), ttl=60)
+    assert again.created is False
+    assert again.callee == opened.callee
+    assert await store.get_call("call-1") == record
+
+
+async def test_open_call_to_an_unknown_user_reports_empty_presence(store: Store) -> None:
+    opened = await store.open_call(make_call(callee="nobody"), ttl=60)
+
+    assert opened == CallOpened(created=True, callee=Presence(devices=(), bindings=()))
+
+
+async def test_update_get_and_close_call(store: Store, manual_clock: ManualClock) -> None:
+    await store.open_call(make_call(), ttl=10)
+    manual_clock.advance(5)
+    answered = make_call(phase=CallPhase.ANSWERED, answered_by="ipad", node_id="node-2")
+
+    await store.update_call(answered, ttl=10)
+    manual_clock.advance(8)  # past the first ttl: the update restarted it
+
+    assert await store.get_call("call-1") == answered
+    await store.close_call("call-1")
+    assert await store.get_call("call-1") is None
+    await store.close_call("call-1")  # again: not an error
+    assert await store.get_call("never-opened") is None
+
+
+async def test_call_records_expire_after_their_ttl(store: Store, manual_clock: ManualClock) -> None:
+    await store.open_call(make_call(), ttl=30)
+    manual_clock.advance(29.5)
+    assert await store.get_call("call-1") == make_call()
+
+    manual_clock.advance(0.5)
+
+    assert await store.get_call("call-1") is None
+    reopened = await store.open_call(make_call(caller_user="carol"), ttl=30)
+    assert reopened.created is True
+    assert await store.get_call("call-1") == make_call(caller_user="carol")
+
+
+async def test_closed_call_id_can_be_opened_again(store: Store) -> None:
+    await store.open_call(make_call(), ttl=30)
+    await store.close_call("call-1")
+
+    assert (await store.open_call(make_call(), ttl=30)).created is True
+
+
+# --- identifiers -------------------------------------------------------------------------------------------------
+
+ODD_IDS = [
+    "a",
+    "a:b",
+    "a:b:c",
+    "b:a",
+    "{a}",
+    "{a",
+    "a}",
+    "}{",
+    "%",
+    "%7Ba%7D",
+    "",
+    ":",
+    "call:x",
+    "ü",
+    "用户",
+    "a b\tc\n",
+]
+
+
+async def test_unusual_ids_neither_collide_nor_break_keys(store: Store, manual_clock: ManualClock) -> None:
+    devices = ["phone", "a:b", "{a}", "b:phone", "", "devs", "b", "ü"]
+    for user_id in ODD_IDS:
+        for device_id in devices:
+            await register(store, manual_clock, user_id, device_id, f"{user_id!r}/{device_id!r}")
+    for call_id in ODD_IDS:
+        await store.open_call(make_call(call_id, callee=call_id), ttl=60)
+
+    for user_id in ODD_IDS:
+        presence = await store.presence(user_id)
+        assert device_ids(presence) == sorted(devices)
+        assert {b.user_id for b in presence.bindings} == {user_id}
+        assert sorted(conn_ids(presence)) == sorted(f"{user_id!r}/{d!r}" for d in devices)
+    for call_id in ODD_IDS:
+        assert await store.get_call(call_id) == make_call(call_id, callee=call_id)
+
+    await store.forget_device("a", "b")
+    await store.close_call("a")
+    assert "b" not in device_ids(await store.presence("a"))
+    assert device_ids(await store.presence("a:b")) == sorted(devices)
+    assert await store.get_call("a:b") is not None
+
+
+# --- memory only -------------------------------------------------------------------------------------------------
+
+
+async def test_memory_store_sweeps_out_what_expired(manual_clock: ManualClock) -> None:
+    """Reads ignore expired entries anyway; the sweep is about memory, so this looks inside."""
+    store = MemoryStore(manual_clock, device_ttl=100)
+    await register(store, manual_clock, "alice", "phone", "c1", ttl=10)
+    await register(store, manual_clock, "bob", "phone", "c2", ttl=1000)
+    await store.open_call(make_call("k1"), ttl=10)
+    await store.open_call(make_call("k2"), ttl=1000)
+    manual_clock.advance(SWEEP_INTERVAL)
+
+    await store.refresh([])  # any write runs a sweep that is due
+
+    assert list(store._bindings) == [("bob", "phone")]
+    assert list(store._calls) == ["k2"]
+    manual_clock.advance(100)
+    await store.close_call("none")  # not a sweeping write
+    await store.forget_device("nobody", "phone")
+    assert store._devices == {}
+    assert store._bindings == {}
+
+
+# --- both backends agree on random histories -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Register:
+    user: str
+    device: str
+    conn: str
+    ttl: float
+    max_devices: int
+    age: float
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        return await register(
+            store,
+            clock,
+            self.user,
+            self.device,
+            self.conn,
+            ttl=self.ttl,
+            max_devices=self.max_devices,
+            registered_at=clock.now() - self.age,
+        )
+
+
+@dataclass(frozen=True)
+class Unregister:
+    user: str
+    device: str
+    conn: str
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        return await store.unregister(self.user, self.device, self.conn)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    bindings: tuple[tuple[str, str, str, float], ...]
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        await store.refresh([make_binding(clock, u, d, c, ttl=t) for u, d, c, t in self.bindings])
+        return None
+
+
+@dataclass(frozen=True)
+class Forget:
+    user: str
+    device: str
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        await store.forget_device(self.user, self.device)
+        return None
+
+
+@dataclass(frozen=True)
+class OpenCall:
+    call_id: str
+    callee: str
+    ttl: float
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        return await store.open_call(make_call(self.call_id, self.callee), self.ttl)
+
+
+@dataclass(frozen=True)
+class UpdateCall:
+    call_id: str
+    ttl: float
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        record = make_call(self.call_id, phase=CallPhase.ANSWERED, answered_by="ipad")
+        await store.update_call(record, self.ttl)
+        return None
+
+
+@dataclass(frozen=True)
+class CloseCall:
+    call_id: str
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        await store.close_call(self.call_id)
+        return None
+
+
+@dataclass(frozen=True)
+class Advance:
+    seconds: float
+
+
+Operation = Register | Unregister | Refresh | Forget | OpenCall | UpdateCall | CloseCall | Advance
+
+_users = st.sampled_from(["alice", "bob"])
+_devices = st.sampled_from(["a", "B", "ü"])
+_conns = st.sampled_from(["c1", "c2"])
+_calls = st.sampled_from(["k1", "k2"])
+_ttls = st.sampled_from([0.5, 5.0, 30.0])
+_operations: st.SearchStrategy[Operation] = st.one_of(
+    st.builds(Register, _users, _devices, _conns, _ttls, st.integers(1, 3), st.sampled_from([0.0, 20.0])),
+    st.builds(Unregister, _users, _devices, _conns),
+    st.builds(Refresh, st.lists(st.tuples(_users, _devices, _conns, _ttls), max_size=3).map(tuple)),
+    st.builds(Forget, _users, _devices),
+    st.builds(OpenCall, _calls, _users, _ttls),
+    st.builds(UpdateCall, _calls, _ttls),
+    st.builds(CloseCall, _calls),
+    st.builds(Advance, st.sampled_from([0.0, 0.5, 5.0, 30.0, 60.0])),
+)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(history=st.lists(_operations, max_size=25))
+def test_backends_agree_on_random_histories(redis_server: RedisServer, history: list[Operation]) -> None:
+    """After every step of a random history both backends return the same, and report the same state."""
+
+    async def replay() -> None:
+        clock = ManualClock()
+        async with redis.asyncio.Redis.from_url(redis_server.url) as client:
+            await client.flushall()
+        memory = MemoryStore(clock, device_ttl=100)
+        shared = RedisStore(redis_server.url, clock, device_ttl=100)
+        await shared.start()
+        try:
+            for step, operation in enumerate(history):
+                if isinstance(operation, Advance):
+                    clock.advance(operation.seconds)
+                    continue
+                expected = await operation.run(memory, clock)
+                assert await operation.run(shared, clock) == expected, f"step {step}: {operation}"
+                for user in ["alice", "bob"]:
+                    assert await shared.presence(user) == await memory.presence(user), f"step {step}"
+                for call_id in ["k1", "k2"]:
+                    assert await shared.get_call(call_id) == await memory.get_call(call_id), f"step {step}"
+        finally:
+            await shared.close()
+
+    asyncio.run(replay())
+
+
+# --- Redis only --------------------------------------------------------------------------------------------------
+
+
+async def test_redis_key_layout(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis, manual_clock: ManualClock
+) -> None:
+    await register(redis_store, manual_clock, "alice", "phone", "c1")
+    await register(redis_store, manual_clock, "{bob}", "a:b", "c2")
+    await redis_store.open_call(make_call("call-1"), ttl=60)
+
+    keys = {key async for key in redis_client.scan_iter()}
+
+    assert keys == {
+        "siplite:{alice}:devs",
+        "siplite:{alice}:b:phone",
+        "siplite:{%7Bbob%7D}:devs",
+        "siplite:{%7Bbob%7D}:b:a:b",
+        "siplite:call:{call-1}",
+    }
+
+
+@pytest.mark.parametrize("prefix", ["siplite:", "test:other:"])
+async def test_every_redis_key_has_the_prefix_and_a_ttl(
+    redis_url: str, redis_client: redis.asyncio.Redis, manual_clock: ManualClock, prefix: str
+) -> None:
+    store = RedisStore(redis_url, manual_clock, prefix=prefix, device_ttl=3600)
+    await store.start()
+    try:
+        for user_id in ["alice", "bob", "{x}"]:
+            for device_id in ["phone", "ipad"]:
+                await register(store, manual_clock, user_id, device_id, "c1", ttl=30)
+                await register(store, manual_clock, user_id, device_id, "c2", ttl=30)
+        await register(store, manual_clock, "alice", "old", "c3", ttl=-10)  # already expired
+        await store.refresh([make_binding(manual_clock, "bob", "phone", "c2", ttl=90)])
+        await store.open_call(make_call("call-1"), ttl=45)
+        await store.update_call(make_call("call-2"), ttl=0.5)
+    finally:
+        await store.close()
+
+    keys = [key async for key in redis_client.scan_iter()]
+    # A hash and a binding per device (alice has three), and two call records.
+    assert len(keys) == (1 + 3) + (1 + 2) + (1 + 2) + 2
+    for key in keys:
+        assert key.startswith(prefix)
+        ttl = await redis_client.ttl(key)
+        assert GC_SLACK <= ttl <= 3600 + GC_SLACK + 1, key
+
+
+async def test_each_operation_sends_one_batch_of_commands(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis, manual_clock: ManualClock
+) -> None:
+    """What each operation sends: one command, or EVALSHAs in one pipeline, and never a hidden SCRIPT EXISTS."""
+    clock = manual_clock
+    # Commands a script runs inside Redis show up in the statistics too; these are the ones a client sends.
+    sent_by_client = ("evalsha", "eval", "script", "multi", "exec", "ping")
+
+    async def sent(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
+        await redis_client.config_resetstat()
+        await operation()
+        stats = await redis_client.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+        return {name: n for name, n in calls.items() if name.startswith(sent_by_client)}
+
+    binding = make_binding(clock)
+    device = make_device(clock)
+    assert await sent(lambda: redis_store.register(binding, device, MANY)) == {"evalsha": 1}
+    assert await sent(lambda: redis_store.presence("alice")) == {"evalsha": 1}
+    assert await sent(lambda: redis_store.refresh([binding, binding])) == {"evalsha": 2}
+    assert await sent(lambda: redis_store.open_call(make_call(), 60)) == {"evalsha": 2}
+    assert await sent(lambda: redis_store.unregister("alice", "phone", "conn-1")) == {"evalsha": 1}
+    assert await sent(lambda: redis_store.forget_device("alice", "phone")) == {"evalsha": 1}
+
+    async def plain(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
+        await redis_client.config_resetstat()
+        await operation()
+        stats = await redis_client.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+        return {name: n for name, n in calls.items() if not name.startswith(("config", "info"))}
+
+    assert await plain(lambda: redis_store.update_call(make_call(), 60)) == {"set": 1}
+    assert await plain(lambda: redis_store.get_call("call-1")) == {"get": 1}
+    assert await plain(lambda: redis_store.close_call("call-1")) == {"del": 1}
+
+
+@pytest.fixture
+def unused_port() -> Iterator[int]:
+    yield free_port("127.0.0.1")
+
+
+async def test_unreachable_redis_raises_store_unavailable(unused_port: int, manual_clock: ManualClock) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{unused_port}/0"
+    store = RedisStore(url, manual_clock)
+
+    with pytest.raises(StoreUnavailable, match=f"cannot reach Redis at 127.0.0.1:{unused_port}") as e:
+        await store.start()
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(StoreUnavailable) as e:
+        await store.presence("alice")
+    assert "hunter2" not in str(e.value)
+    assert await store.ping() is False
+    await store.close()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, free to stop and restart."""
+    with RedisServer() as server:
+        yield server
+
+
+async def test_wrong_password_raises_store_unavailable_without_the_password(
+    manual_clock: ManualClock,
+) -> None:
+    with RedisServer(extra_args=["--requirepass", "right-secret"]) as server:
+        store = RedisStore(f"redis://:wrong-secret@{server.host}:{server.port}/0", manual_clock)
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot reach Redis") as e:
+                await store.start()
+            assert "secret" not in str(e.value)
+            assert await store.ping() is False
+        finally:
+            await store.close()
+
+
+async def test_stopped_redis_raises_and_a_restarted_one_works_again(
+    own_redis_server: RedisServer, manual_clock: ManualClock
+) -> None:
+    store = RedisStore(own_redis_server.url, manual_clock)
+    try:
+        await store.start()
+        await register(store, manual_clock)
+
+        own_redis_server.stop()
+        with pytest.raises(StoreUnavailable, match="Redis presence failed"):
+            await store.presence("alice")
+        with pytest.raises(StoreUnavailable, match="Redis register failed"):
+            await register(store, manual_clock)
+        assert await store.ping() is False
+
+        own_redis_server.start()  # same port, no data, and no scripts cached: EVALSHA meets NOSCRIPT
+        assert await store.ping() is True
+        binding, _ = await register(store, manual_clock)
+        assert (await store.presence("alice")).bindings == (binding,)
+    finally:
+        await store.close()
