@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -48,18 +50,28 @@ def serve(settings: config.Settings) -> int:
             detail="no SIPLITE_REDIS_URL: using the in-memory store; this process cannot share state "
             "with other processes",
         )
-    app = create_app(settings)
-    logger.info("server.listening", host=settings.host, port=settings.port, node_id=settings.node_id)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-    )
-    logger.info("server.stopped", node_id=settings.node_id)
+    asyncio.run(_run(create_app(settings), settings))
     return 0
+
+
+async def _run(app: web.Application, settings: config.Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then close every socket with 1001 and clean up."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()  # starts the store: an unreachable Redis raises StoreUnavailable here
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        ports = sorted({sock.getsockname()[1] for sock in getattr(site._server, "sockets", None) or ()})
+        logger.info("server.listening", host=settings.host, port=ports[0] if ports else settings.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.info("server.stopping", node_id=settings.node_id)
+    finally:
+        await runner.cleanup()
+    logger.info("server.stopped", node_id=settings.node_id)
 
 
 def token(settings: config.Settings, user: str, name: str | None, ttl: float) -> int:

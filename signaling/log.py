@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 
@@ -39,9 +39,10 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
+def configure(level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None, cache: bool = True) -> None:
     """Set up structlog. `fmt` is "json", "console", or "auto" (console on a terminal, JSON otherwise)."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    out = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
@@ -53,8 +54,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=cache,
     )
 
 

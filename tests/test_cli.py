@@ -1,0 +1,138 @@
+"""`signaling serve` and `signaling token` as real processes, and the configuration they read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from signaling import config
+from signaling.client import Client
+from tests.redis_server import free_port
+
+STARTUP_TIMEOUT = 20.0
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SIPLITE_")}
+    return {**base, "SIPLITE_LOG_FORMAT": "json", "SIPLITE_PORT": "0", **extra}
+
+
+async def run_cli(*args: str, environ: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "signaling",
+        *args,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), STARTUP_TIMEOUT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def serving(
+    environ: dict[str, str],
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, list[dict[str, object]]]]:
+    """Start `signaling serve`, wait for its `server.listening` log line, yield (process, base URL, log)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signaling", "serve", env=environ, stderr=PIPE
+    )
+    assert proc.stderr is not None
+    lines: list[dict[str, object]] = []
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while True:
+                raw = await proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"server exited early: {lines}")
+                line = json.loads(raw)
+                lines.append(line)
+                if line["event"] == "server.listening":
+                    break
+        yield proc, f"http://127.0.0.1:{line['port']}", lines
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_with_defaults_token_and_sigterm() -> None:
+    environ = env()
+    code, token, _ = await run_cli("token", "alice", "--name", "Alice", environ=environ)
+    assert code == 0
+    async with serving(environ) as (proc, base, log):
+        events = [line["event"] for line in log]
+        assert "auth.dev_secret" in events
+        assert "store.embedded" in events
+        async with aiohttp.ClientSession() as session, session.get(base + "/healthz") as resp:
+            assert resp.status == 200
+        client = await Client.connect(base + "/ws")
+        assert (await client.register(token.strip(), "alice-phone"))["user"] == "alice"
+        proc.send_signal(signal.SIGTERM)
+        assert (await client.wait_closed(timeout=STARTUP_TIMEOUT)).code == 1001
+        await client.close()
+        assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
+
+
+async def test_serve_with_redis(redis_url: str) -> None:
+    environ = env(SIPLITE_REDIS_URL=redis_url, SIPLITE_JWT_SECRET="s" * 32)
+    async with serving(environ) as (proc, base, log):
+        assert "store.embedded" not in [line["event"] for line in log]
+        async with aiohttp.ClientSession() as session, session.get(base + "/readyz") as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
+
+
+async def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
+    code, _, err = await run_cli("serve", environ=env(SIPLITE_REDIS_URL=url))
+    assert code == 3
+    assert "cannot reach Redis" in err
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"SIPLITE_PORT": "eighty"}, "SIPLITE_PORT"),
+        ({"SIPLITE_RING_TIMEOUT": "0"}, "SIPLITE_RING_TIMEOUT"),
+        ({"SIPLITE_JWT_SECRET": "short"}, "SIPLITE_JWT_SECRET"),
+        ({"SIPLITE_HOST": "0.0.0.0"}, "no JWT key configured"),  # noqa: S104 - refusing it is the point
+        ({"SIPLITE_REDIS_URL": "http://x"}, "SIPLITE_REDIS_URL"),
+    ],
+)
+async def test_bad_configuration_exits_2_naming_the_setting(extra: dict[str, str], message: str) -> None:
+    code, _, err = await run_cli("serve", environ=env(**extra))
+    assert code == 2
+    assert message in err
+
+
+def test_toml_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "siplite.toml"
+    path.write_text('port = 9000\nring_timeout = 30\njwt_algorithms = ["ES256"]\n')
+    settings = config.load({"SIPLITE_PORT": "9100"}, str(path))
+    assert (settings.port, settings.ring_timeout, settings.jwt_algorithms) == (9100, 30.0, ("ES256",))
+    path.write_text("prot = 1\n")
+    with pytest.raises(config.ConfigError, match="unknown setting 'prot'"):
+        config.load({}, str(path))
+
+
+def test_the_sample_configuration_loads() -> None:
+    sample = Path(__file__).parent.parent / "deploy" / "siplite.toml"
+    settings = config.load({}, str(sample))
+    assert settings.redis_url is not None
+    assert settings.jwt_audience == "sip-lite"
