@@ -16,8 +16,6 @@ from signaling.clock import Clock
 from signaling.errors import AuthenticationFailed
 from signaling.wire import is_user_id
 
-ASYMMETRIC = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
-
 
 @dataclass(frozen=True, slots=True)
 class Identity:

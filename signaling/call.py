@@ -1,6 +1,7 @@
 """The call state machine, sans I/O: events in, effects out.
 
-A `Call` is one INVITE from a caller device to every registered device of the callee (its *legs*). It never
+A `Call` is one INVITE from a caller device to every device of the callee (its *legs*): devices online now are
+offered the call at once; sleeping devices with a VoIP push token are pushed and join when they connect. It never
 touches a socket, a store or a clock: the server feeds it events (facts, named in the past tense) and carries out
 the effects it returns (commands). Time arrives inside events; timers leave as `StartTimer`/`StopTimer` effects.
 
@@ -11,15 +12,16 @@ duplicate frame can never kill a call. docs/PROTOCOL.md's state table is generat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from signaling.errors import InvalidInState, NoSuchCall, RequestPending
+from signaling.errors import InvalidInState, LimitExceeded, NoSuchCall, RequestPending
 from signaling.wire import (
     AckRelay,
     ByeNotice,
+    CallKitReason,
     CancelNotice,
     EndReason,
     IceCandidate,
@@ -28,6 +30,7 @@ from signaling.wire import (
     Method,
     Outbound,
     Response,
+    Stage,
     UpdateRelay,
 )
 
@@ -40,6 +43,7 @@ class CallState(StrEnum):
 
 
 class LegState(StrEnum):
+    WAKING = "waking"  # a VoIP push was sent; the device has not connected yet
     OFFERED = "offered"
     RINGING = "ringing"
     ANSWERED = "answered"
@@ -49,6 +53,8 @@ class LegState(StrEnum):
 
 
 LIVE_LEG_STATES: Final = frozenset({LegState.OFFERED, LegState.RINGING})
+# A leg that can still answer: connected and ringing, or being woken by a push that may have arrived.
+OPEN_LEG_STATES: Final = frozenset({LegState.WAKING, LegState.OFFERED, LegState.RINGING})
 
 
 class Side(StrEnum):
@@ -59,6 +65,7 @@ class Side(StrEnum):
 class TimerKind(StrEnum):
     RING = "ring"  # no answer by the ring timeout: 408
     UPDATE = "update"  # the other party never answered an UPDATE: 408 to its sender
+    LEG_ACK = "leg_ack"  # an online device did not acknowledge the INVITE in time: treat it as asleep
 
 
 # ---------------------------------------------------------------------------------------------- events (facts)
@@ -141,6 +148,31 @@ class IceReceived:
 @dataclass(frozen=True, slots=True)
 class TimerFired:
     kind: TimerKind
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PushAccepted:
+    """APNs accepted the VoIP push to a sleeping device."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushFailed:
+    """The VoIP push to a device failed. `certain`: it surely was not delivered (token rejected, permanent error);
+    otherwise (timeout, connection lost) it may still arrive, and the device may yet connect."""
+
+    device_id: str
+    certain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConnected:
+    """A callee device registered on a new connection while the call rings (woken by the push, or back after
+    losing its socket)."""
+
+    device_id: str
 
 
 Event = (
@@ -156,6 +188,9 @@ Event = (
     | UpdateAnswered
     | IceReceived
     | TimerFired
+    | PushAccepted
+    | PushFailed
+    | DeviceConnected
 )
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     LegProgressed,
@@ -170,6 +205,9 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     UpdateAnswered,
     IceReceived,
     TimerFired,
+    PushAccepted,
+    PushFailed,
+    DeviceConnected,
 )
 
 # ---------------------------------------------------------------------------------------------- effects (commands)
@@ -190,11 +228,35 @@ class SendToDevice:
 class StartTimer:
     kind: TimerKind
     at: float
+    device_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StopTimer:
     kind: TimerKind
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendVoipPush:
+    """Wake `device_id` with a VoIP push for this call. Emitted at most once per device per call."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEnded:
+    """Tell `device_id`, when it connects, that the call it was woken for ended (and why, for CallKit)."""
+
+    device_id: str
+    reason: CallKitReason
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMissed:
+    """Record a missed call for `device_id`, delivered at its next registration."""
+
+    device_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +274,29 @@ class CallFinished:
     code: int | None
 
 
-Effect = SendToCaller | SendToDevice | StartTimer | StopTimer | CallAnswered | CallFinished
+Effect = (
+    SendToCaller
+    | SendToDevice
+    | StartTimer
+    | StopTimer
+    | CallAnswered
+    | CallFinished
+    | SendVoipPush
+    | RecordEnded
+    | RecordMissed
+)
+
+# What a device that was woken for a call is told when the call ended before it connected.
+CALLKIT_REASONS: Final[dict[EndReason, CallKitReason]] = {
+    EndReason.CALLER_CANCELLED: CallKitReason.REMOTE_ENDED,
+    EndReason.CALLER_GONE: CallKitReason.REMOTE_ENDED,
+    EndReason.ANSWERED_ELSEWHERE: CallKitReason.ANSWERED_ELSEWHERE,
+    EndReason.DECLINED_ELSEWHERE: CallKitReason.DECLINED_ELSEWHERE,
+    EndReason.NO_ANSWER: CallKitReason.UNANSWERED,
+    EndReason.UNREACHABLE: CallKitReason.FAILED,
+    EndReason.REMOTE_HANGUP: CallKitReason.REMOTE_ENDED,
+    EndReason.PEER_GONE: CallKitReason.REMOTE_ENDED,
+}
 
 MAX_BUFFERED_CANDIDATES: Final = 64
 
@@ -222,6 +306,10 @@ class Leg:
     device_id: str
     state: LegState = LegState.OFFERED
     code: int | None = None
+    acked: bool = False  # the device answered the INVITE in some way (100, 180, ...)
+    pushable: bool = False  # the device has a VoIP token
+    pushed: bool = False  # a VoIP push was sent for this call (never twice)
+    push_failed: bool = False  # the push may not have arrived
     # Candidates a ringing device trickles before it answers; relayed only if it wins, so the caller never sees
     # candidates of a device that did not answer.
     candidates: list[IceCandidate] = field(default_factory=list)
@@ -237,6 +325,8 @@ class PendingUpdate:
 class Timeouts:
     ring: float = 60.0
     update: float = 30.0
+    # An online device that does not acknowledge the INVITE within this is treated as asleep and pushed.
+    ack_grace: float = 2.0
 
 
 class Call:
@@ -256,8 +346,14 @@ class Call:
         devices: Sequence[str],
         now: float,
         timeouts: Timeouts = Timeouts(),
+        sleeping: Sequence[str] = (),
+        pushable: Collection[str] = (),
+        absent: Sequence[str] = (),
     ) -> None:
-        if not devices:
+        """`devices` are online now; `sleeping` are offline devices to wake with a push; `pushable` are the
+        devices (online or not) that have a VoIP token; `absent` are known devices that can be neither reached
+        nor pushed (they only hear of the call as a missed call)."""
+        if not devices and not sleeping:
             raise ValueError("a call needs at least one callee device")
         self.call_id = call_id
         self.caller_user = caller_user
@@ -270,19 +366,40 @@ class Call:
         self.created_at = now
         self.timeouts = timeouts
         self.state = CallState.RINGING
-        self.legs: dict[str, Leg] = {d: Leg(d) for d in devices}
+        self.legs: dict[str, Leg] = {d: Leg(d, pushable=d in pushable) for d in devices}
+        for device in sleeping:
+            self.legs[device] = Leg(device, LegState.WAKING, pushable=True, pushed=True)
+        self.absent = tuple(absent)
         self.answered_by: str | None = None
         self.pending_update: PendingUpdate | None = None
         self.caller_candidates: list[IceCandidate] = []
         self.progress_sent = False
+        self.push_reported = False
+        self.connect_reported = False
 
     # ------------------------------------------------------------------------------------------ public
 
     def start(self) -> list[Effect]:
-        offer = InviteOffer(self.call_id, self.caller_user, self.caller_name, self.offer, self.video)
-        effects: list[Effect] = [SendToDevice(d, offer) for d in self.legs]
-        effects.append(StartTimer(TimerKind.RING, self.created_at + self.timeouts.ring))
+        offer = self._offer()
+        effects: list[Effect] = []
+        for leg in self.legs.values():
+            if leg.state is LegState.WAKING:
+                effects.append(SendVoipPush(leg.device_id))
+            else:
+                effects.append(SendToDevice(leg.device_id, offer))
+                if leg.pushable:
+                    grace = self.created_at + self.timeouts.ack_grace
+                    effects.append(StartTimer(TimerKind.LEG_ACK, grace, leg.device_id))
+        effects.append(StartTimer(TimerKind.RING, self.deadline))
         return effects
+
+    @property
+    def deadline(self) -> float:
+        """When the call stops ringing: also the expiry of every VoIP push sent for it."""
+        return self.created_at + self.timeouts.ring
+
+    def _offer(self) -> InviteOffer:
+        return InviteOffer(self.call_id, self.caller_user, self.caller_name, self.offer, self.video)
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         """Apply one event. Raises a `PeerError` (and changes nothing) when the event is not allowed now."""
@@ -319,21 +436,49 @@ class Call:
             raise InvalidInState(f"this device's leg is {leg.state}")
         return leg
 
-    def _caller_response(self, code: int, sdp: str | None = None) -> SendToCaller:
-        return SendToCaller(Response(self.invite_seq, Method.INVITE, code, self.call_id, sdp=sdp))
+    def _caller_response(
+        self, code: int, sdp: str | None = None, *, stage: Stage | None = None, at: float | None = None
+    ) -> SendToCaller:
+        return SendToCaller(
+            Response(self.invite_seq, Method.INVITE, code, self.call_id, sdp=sdp, stage=stage, at=at)
+        )
 
-    def _cancel_legs(self, reason: EndReason, *, skip: str | None = None) -> list[Effect]:
+    def _cancel_legs(self, reason: EndReason, *, missed: bool = False) -> list[Effect]:
+        """End every open leg: a CANCEL to connected devices, an "ended" notice for devices still waking, and,
+        when the call went unanswered, a missed-call record for every device that never saw a CANCEL."""
         effects: list[Effect] = []
+        callkit = CALLKIT_REASONS[reason]
         for leg in self.legs.values():
-            if leg.state in LIVE_LEG_STATES and leg.device_id != skip:
-                leg.state = LegState.CANCELLED
+            was = leg.state
+            if was in LIVE_LEG_STATES:
                 effects.append(SendToDevice(leg.device_id, CancelNotice(self.call_id, reason)))
+            elif was is LegState.WAKING:
+                effects.append(RecordEnded(leg.device_id, callkit))
+            if was in OPEN_LEG_STATES:
+                leg.state = LegState.CANCELLED
+            if missed and was in (LegState.WAKING, LegState.GONE):
+                effects.append(RecordMissed(leg.device_id))
+        if missed:
+            effects += [RecordMissed(d) for d in self.absent]
         return effects
 
     def _finish(self, reason: EndReason | None, code: int | None) -> list[Effect]:
+        effects: list[Effect] = [StopTimer(TimerKind.RING), StopTimer(TimerKind.UPDATE)]
+        pending = self.pending_update
+        if pending is not None:
+            # The UPDATE's sender still gets its one final response: the call it belonged to is gone.
+            response = Response(pending.seq, Method.UPDATE, 487, self.call_id)
+            effects.append(SendToCaller(response) if pending.from_caller else self._to_other_side(None, response))
         self.state = CallState.ENDED
         self.pending_update = None
-        return [StopTimer(TimerKind.RING), StopTimer(TimerKind.UPDATE), CallFinished(reason, code)]
+        effects += [StopTimer(TimerKind.LEG_ACK, d) for d, leg in self.legs.items() if leg.pushable]
+        return [*effects, CallFinished(reason, code)]
+
+    def _acknowledged(self, leg: Leg) -> list[Effect]:
+        if leg.acked:
+            return []
+        leg.acked = True
+        return [StopTimer(TimerKind.LEG_ACK, leg.device_id)] if leg.pushable else []
 
     def _to_other_side(self, device_id: str | None, frame: Outbound) -> Effect:
         """Address `frame` to the party opposite the sender in an answered call."""
@@ -353,22 +498,28 @@ class Call:
 
     def _on_progress(self, e: LegProgressed, now: float) -> list[Effect]:
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
-        if e.code not in (180, 183):
-            raise InvalidInState(f"provisional response {e.code} is not relayed; send 180 or 183")
+        if e.code not in (100, 180, 183):
+            raise InvalidInState(f"provisional response {e.code} is not relayed; send 100, 180 or 183")
+        effects = self._acknowledged(leg)
+        if e.code == 100:
+            return effects  # "trying": the device has the INVITE; nothing for the caller yet
         leg.state = LegState.RINGING
         # The first 180 tells the caller "ringing"; later ones from other devices add nothing.
         # A 183 carries early-media SDP and is always relayed.
-        if e.code == 183 or not self.progress_sent:
+        if e.code == 183:
+            return [*effects, self._caller_response(183, e.sdp, at=now)]
+        if not self.progress_sent:
             self.progress_sent = True
-            return [self._caller_response(e.code, e.sdp)]
-        return []
+            effects.append(self._caller_response(180, stage=Stage.RINGING, at=now))
+        return effects
 
     def _on_answer(self, e: LegAnswered, now: float) -> list[Effect]:
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        effects: list[Effect] = self._acknowledged(leg)
         leg.state = LegState.ANSWERED
         self.answered_by = e.device_id
         self.state = CallState.ANSWERED
-        effects: list[Effect] = [StopTimer(TimerKind.RING), self._caller_response(200, e.sdp)]
+        effects += [StopTimer(TimerKind.RING), self._caller_response(200, e.sdp, stage=Stage.ANSWERED, at=now)]
         effects += [SendToCaller(IceRelay(self.call_id, c)) for c in leg.candidates]
         leg.candidates.clear()
         effects += self._cancel_legs(EndReason.ANSWERED_ELSEWHERE)
@@ -387,6 +538,9 @@ class Call:
         self._leg_any(e.device_id, LegState.CANCELLED)
         return []
 
+    def _on_answered_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        return self._on_update_timer(e, now) if e.kind is TimerKind.UPDATE else []
+
     def _on_stale_timer(self, e: TimerFired, now: float) -> list[Effect]:
         """A timer that fired as the call moved on (its StopTimer raced it): nothing to do."""
         return []
@@ -403,12 +557,13 @@ class Call:
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
         if not 300 <= e.code <= 699:
             raise InvalidInState(f"{e.code} is not a final rejection")
+        effects = self._acknowledged(leg)
         leg.state = LegState.REJECTED
         leg.code = e.code
         if e.code == 603:
-            effects = self._cancel_legs(EndReason.DECLINED_ELSEWHERE)
-            return [self._caller_response(603), *effects, *self._finish(EndReason.DECLINED_ELSEWHERE, 603)]
-        return self._maybe_all_failed()
+            effects += [self._caller_response(603), *self._cancel_legs(EndReason.DECLINED_ELSEWHERE)]
+            return effects + self._finish(EndReason.DECLINED_ELSEWHERE, 603)
+        return effects + self._maybe_all_failed()
 
     def _on_leg_lost(self, e: LegLost, now: float) -> list[Effect]:
         leg = self._leg_any(e.device_id, *LegState)
@@ -418,11 +573,18 @@ class Call:
         return self._maybe_all_failed()
 
     def _maybe_all_failed(self) -> list[Effect]:
-        if self.live_legs:
+        """End the call when no leg can answer any more: 486 if a device was busy, else 488 or 480."""
+        if any(
+            leg.state in LIVE_LEG_STATES or (leg.state is LegState.WAKING and not leg.push_failed)
+            for leg in self.legs.values()
+        ):
             return []
         codes = {leg.code for leg in self.legs.values()}
         code = 486 if 486 in codes else 488 if 488 in codes else 480
-        return [self._caller_response(code), *self._finish(None, code)]
+        reason = EndReason.UNREACHABLE if code == 480 else None
+        effects: list[Effect] = [self._caller_response(code)]
+        effects += self._cancel_legs(EndReason.UNREACHABLE, missed=code == 480)
+        return effects + self._finish(reason, code)
 
     def _on_cancel(self, e: CallerCancelled | HangupReceived, now: float) -> list[Effect]:
         if isinstance(e, HangupReceived) and e.device_id is not None:
@@ -430,29 +592,78 @@ class Call:
             raise InvalidInState("a ringing device ends the call by answering the INVITE with 486 or 603")
         method = Method.CANCEL if isinstance(e, CallerCancelled) else Method.BYE
         effects: list[Effect] = [self._ok(None, e.seq, method), self._caller_response(487)]
-        effects += self._cancel_legs(EndReason.CALLER_CANCELLED)
+        effects += self._cancel_legs(EndReason.CALLER_CANCELLED, missed=True)
         return effects + self._finish(EndReason.CALLER_CANCELLED, 487)
 
     def _on_caller_lost_ringing(self, e: CallerLost, now: float) -> list[Effect]:
-        return self._cancel_legs(EndReason.CALLER_GONE) + self._finish(EndReason.CALLER_GONE, None)
+        return self._cancel_legs(EndReason.CALLER_GONE, missed=True) + self._finish(EndReason.CALLER_GONE, None)
 
     def _on_ring_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        if e.kind is TimerKind.LEG_ACK:
+            return self._on_ack_grace(e, now)
         if e.kind is not TimerKind.RING:
             return []
         effects: list[Effect] = [self._caller_response(408)]
-        effects += self._cancel_legs(EndReason.NO_ANSWER)
+        effects += self._cancel_legs(EndReason.NO_ANSWER, missed=True)
         return effects + self._finish(EndReason.NO_ANSWER, 408)
+
+    def _on_ack_grace(self, e: TimerFired, now: float) -> list[Effect]:
+        """An online device kept silent after the INVITE: its socket is probably stale, so wake it, once."""
+        leg = self.legs.get(e.device_id or "")
+        if leg is None or leg.acked or leg.pushed or not leg.pushable or leg.state is not LegState.OFFERED:
+            return []
+        leg.state = LegState.WAKING
+        leg.pushed = True
+        return [SendVoipPush(leg.device_id)]
+
+    # ------------------------------------------------------------------------------------------ waking
+
+    def _on_push_accepted(self, e: PushAccepted, now: float) -> list[Effect]:
+        leg = self._leg_any(e.device_id, *LegState)
+        leg.push_failed = False
+        if leg.state is not LegState.WAKING or self.push_reported:
+            return []
+        self.push_reported = True
+        return [self._caller_response(183, stage=Stage.PUSH_SENT, at=now)]
+
+    def _on_push_failed(self, e: PushFailed, now: float) -> list[Effect]:
+        leg = self._leg_any(e.device_id, *LegState)
+        if leg.state is not LegState.WAKING:
+            return []
+        if e.certain:
+            leg.state = LegState.GONE
+        else:
+            leg.push_failed = True
+        return self._maybe_all_failed()
+
+    def _on_device_connected(self, e: DeviceConnected, now: float) -> list[Effect]:
+        leg = self.legs.get(e.device_id)
+        if leg is None or leg.state in (LegState.REJECTED, LegState.CANCELLED, LegState.ANSWERED):
+            return []
+        woken = leg.state is LegState.WAKING
+        leg.state = LegState.OFFERED
+        leg.push_failed = False
+        effects: list[Effect] = [SendToDevice(e.device_id, self._offer())]
+        effects += [SendToDevice(e.device_id, IceRelay(self.call_id, c)) for c in self.caller_candidates]
+        if woken and not self.connect_reported:
+            self.connect_reported = True
+            effects.append(self._caller_response(183, stage=Stage.CALLEE_CONNECTED, at=now))
+        return effects
+
+    def _on_ignored(self, e: Event, now: float) -> list[Effect]:
+        """A push result or a reconnection that arrives after the call was answered changes nothing."""
+        return []
 
     def _on_ice_ringing(self, e: IceReceived, now: float) -> list[Effect]:
         if e.device_id is None:
             if len(self.caller_candidates) >= MAX_BUFFERED_CANDIDATES:
-                raise InvalidInState(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
+                raise LimitExceeded(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
             self.caller_candidates.append(e.ice)
             relay = IceRelay(self.call_id, e.ice)
             return [self._ok(None, e.seq, Method.ICE)] + [SendToDevice(d, relay) for d in self.live_legs]
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
         if len(leg.candidates) >= MAX_BUFFERED_CANDIDATES:
-            raise InvalidInState(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
+            raise LimitExceeded(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
         leg.candidates.append(e.ice)
         return [self._ok(e.device_id, e.seq, Method.ICE)]
 
@@ -499,7 +710,7 @@ class Call:
 
     def _on_update_timer(self, e: TimerFired, now: float) -> list[Effect]:
         pending = self.pending_update
-        if e.kind is not TimerKind.UPDATE or pending is None:
+        if e.kind is not TimerKind.UPDATE or pending is None:  # a ring or grace timer that raced the answer
             return []
         self.pending_update = None
         response = Response(pending.seq, Method.UPDATE, 408, self.call_id)
@@ -529,6 +740,15 @@ TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
     (_R, CallerLost): Call._on_caller_lost_ringing,  # type: ignore[dict-item]
     (_R, TimerFired): Call._on_ring_timer,  # type: ignore[dict-item]
     (_R, IceReceived): Call._on_ice_ringing,  # type: ignore[dict-item]
+    (_R, PushAccepted): Call._on_push_accepted,  # type: ignore[dict-item]
+    (_R, PushFailed): Call._on_push_failed,  # type: ignore[dict-item]
+    (_R, DeviceConnected): Call._on_device_connected,  # type: ignore[dict-item]
+    (_A, PushAccepted): Call._on_ignored,
+    (_A, PushFailed): Call._on_ignored,
+    (_A, DeviceConnected): Call._on_ignored,
+    (_E, PushAccepted): Call._on_ignored,
+    (_E, PushFailed): Call._on_ignored,
+    (_E, DeviceConnected): Call._on_ignored,
     (_A, LegAnswered): Call._on_late_answer,  # type: ignore[dict-item]
     (_A, LegRejected): Call._on_late_reject,  # type: ignore[dict-item]
     (_A, TimerFired): Call._on_stale_timer,  # type: ignore[dict-item]
@@ -544,6 +764,6 @@ TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
     (_E, LegLost): Call._on_party_lost,  # type: ignore[dict-item]
     (_E, UpdateReceived): Call._on_update,  # type: ignore[dict-item]
     (_E, UpdateAnswered): Call._on_update_answer,  # type: ignore[dict-item]
-    (_E, TimerFired): Call._on_update_timer,  # type: ignore[dict-item]
+    (_E, TimerFired): Call._on_answered_timer,  # type: ignore[dict-item]
     (_E, IceReceived): Call._on_ice_connected,  # type: ignore[dict-item]
 }

@@ -49,6 +49,13 @@ class Settings:
     # Seconds between WebSocket pings from the server (keeps NAT bindings open; detects dead peers).
     heartbeat: float = 25.0
     ring_timeout: float = 60.0
+    # Seconds an online device has to acknowledge an INVITE (any response) before it is treated as asleep and
+    # woken with a VoIP push, once.
+    ack_grace: float = 2.0
+    # Seconds a missed call waits for the device's next registration.
+    missed_call_ttl: float = 7 * 86400.0
+    # Also send an alert push (not VoIP) to a device's alert token when it misses a call.
+    missed_call_alerts: bool = False
     update_timeout: float = 30.0
     max_frame_bytes: int = 65536
     max_devices_per_user: int = 10
@@ -90,6 +97,8 @@ class Settings:
             "register_timeout",
             "heartbeat",
             "ring_timeout",
+            "ack_grace",
+            "missed_call_ttl",
             "update_timeout",
             "max_frame_bytes",
             "max_devices_per_user",
@@ -125,6 +134,14 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
         if "tuple" in text_kind:
             items = raw if isinstance(raw, list) else str(raw).split(",")
             return tuple(str(item).strip() for item in items if str(item).strip())
+        if text_kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
         if "int" in text_kind and "float" not in text_kind:
             return int(raw)
         if "float" in text_kind:

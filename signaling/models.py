@@ -83,3 +83,25 @@ class CallRecord:
     phase: CallPhase
     created_at: float
     answered_by: str | None = None
+
+
+class NoticeKind(StrEnum):
+    ENDED = "ended"  # a call this device was woken for ended before it connected: end the CallKit call
+    MISSED = "missed"  # a call this device did not answer: for the app's call log
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something to tell a device the moment it next registers, kept until `expires_at`.
+
+    `reason` is set for ENDED notices: one of `signaling.wire.CallKitReason`'s values.
+    """
+
+    kind: NoticeKind
+    call_id: str
+    caller_id: str
+    caller_name: str | None
+    video: bool
+    at: float
+    expires_at: float
+    reason: str | None = None

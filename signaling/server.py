@@ -5,7 +5,7 @@ timers and the store; every call decision is the `Call` state machine's (signali
 one place that turns errors into error responses and close codes.
 
 Close codes (see docs/PROTOCOL.md): 1001 server shutting down, 1008 too many bad frames, 1009 frame too large,
-4400 unsupported subprotocol, 4401 authentication failed or token expired, 4408 no REGISTER/keepalive in time,
+4401 authentication failed or token expired, 4408 no REGISTER/keepalive in time,
 4409 the device registered again on another connection.
 """
 
@@ -23,6 +23,7 @@ from typing import Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushProvider
 from signaling import call as core
 from signaling import log, wire
 from signaling.auth import Identity, TokenVerifier
@@ -42,7 +43,7 @@ from signaling.errors import (
     StaleSequence,
     StoreUnavailable,
 )
-from signaling.models import Binding, CallPhase, CallRecord, Device
+from signaling.models import Binding, CallPhase, CallRecord, Device, Notice, NoticeKind, PushBinding
 from signaling.store import MemoryStore, Store
 
 logger = log.get_logger("signaling.server")
@@ -52,7 +53,6 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
-    BAD_SUBPROTOCOL = 4400
     UNAUTHORIZED = 4401
     TIMEOUT = 4408
     REPLACED = 4409
@@ -60,6 +60,8 @@ class CloseCode(IntEnum):
 
 # How long past the ring timeout a call record outlives a call nobody cleaned up (for example a crashed node).
 _RECORD_SLACK: Final = 30.0
+# An app woken by a push just before the ring deadline still hears that the call ended if it connects this soon.
+_ENDED_NOTICE_SLACK: Final = 60.0
 # A call record of an answered call is kept this long; established calls are not expected to outlast it.
 _ANSWERED_RECORD_TTL: Final = 12 * 3600.0
 
@@ -94,6 +96,7 @@ class Connection:
         self.conn_id = uuid.uuid4().hex
         self.identity: Identity | None = None
         self.device_id: str | None = None
+        self.push: PushBinding | None = None
         self.bucket = bucket
         self.last_seq = -1
         self.out_seq = 0
@@ -142,22 +145,33 @@ class CallHandle:
     record: CallRecord
     caller: Connection
     legs: dict[str, Connection]
-    timers: dict[core.TimerKind, TimerHandle] = field(default_factory=dict)
+    # Every known device of the callee at INVITE time (push bindings for waking, alert tokens for missed calls).
+    devices: dict[str, Device] = field(default_factory=dict)
+    timers: dict[tuple[core.TimerKind, str | None], TimerHandle] = field(default_factory=dict)
+    # When each VoIP push was accepted, for push-to-connect latency.
+    pushed_at: dict[str, float] = field(default_factory=dict)
 
 
 class Switchboard:
     """Connections, local bindings and live calls of this node, and the handling of every request."""
 
-    def __init__(self, settings: Settings, store: Store, clock: Clock, verifier: TokenVerifier) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, clock: Clock, verifier: TokenVerifier, push: PushProvider
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.push = push
         self.clock = clock
         self.verifier = verifier
         self.node_id = settings.node_id
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.bound: dict[tuple[str, str], Connection] = {}
         self.calls: dict[str, CallHandle] = {}
-        self.timeouts = core.Timeouts(ring=settings.ring_timeout, update=settings.update_timeout)
+        # Calls ringing for a device that was pushed and has not connected yet: (user, device) -> call ids.
+        self.waking: dict[tuple[str, str], set[str]] = {}
+        self.timeouts = core.Timeouts(
+            ring=settings.ring_timeout, update=settings.update_timeout, ack_grace=settings.ack_grace
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: TimerHandle | None = None
         self._handlers: dict[type[wire.Inbound], Callable[[Connection, wire.Inbound], Awaitable[None]]] = {
@@ -279,8 +293,8 @@ class Switchboard:
         """Handle one frame, answering every failure with its documented error. Never raises."""
         frame: wire.Inbound | None = None
         try:
-            frame = wire.decode(data)
             wait = conn.bucket.take(self.clock.now())
+            frame = wire.decode(data)
             if wait:
                 raise RateLimited("too many frames; slow down", retry_after=wire.retry_after(wait))
             conn.last_seen = self.clock.now()
@@ -351,12 +365,17 @@ class Switchboard:
         now = self.clock.now()
         ttl = self.settings.presence_ttl
         binding = Binding(identity.user_id, req.device_id, conn.conn_id, self.node_id, now + ttl)
-        device = Device(identity.user_id, req.device_id, req.push, now)
-        replaced = await self.store.register(binding, device, self.settings.max_devices_per_user)
+        # A token renewal on the same connection may leave `push` out: it keeps the binding it registered with.
+        push = req.push if req.push is not None or conn.identity is None else conn.push
+        device = Device(identity.user_id, req.device_id, push, now)
+        registered = await self.store.register(binding, device, self.settings.max_devices_per_user)
+        replaced = registered.replaced
         key = (identity.user_id, req.device_id)
         previous = self.bound.get(key)
+        first = conn.identity is None
         conn.identity = identity
         conn.device_id = req.device_id
+        conn.push = push
         self.bound[key] = conn
         for timer in conn.timers:
             timer.cancel()
@@ -371,14 +390,45 @@ class Switchboard:
                 expires=int(ttl),
             )
         )
+        for notice in registered.notices:
+            await conn.send(_notice_frame(notice))
+        rejoin: list[str] = []
         if previous is not None and previous is not conn:
+            # Calls ringing on the old socket move to the new one (the device reconnected, or its old socket had
+            # gone stale and it was pushed); the old socket then closes without taking them down.
+            rejoin += [c for c in previous.legs if c in self.calls]
+            previous.legs.clear()
             logger.info("presence.replaced", user_id=key[0], device_id=key[1], conn_id=previous.conn_id)
             await self._drop(previous, CloseCode.REPLACED, "device registered on another connection")
         elif replaced is not None and replaced.node_id != self.node_id:
             # Cross-node replacement is carried over the node bus (issue 4); until then the old binding
             # simply loses its presence entry and its node closes it at its next keepalive sweep.
             logger.info("presence.replaced_remote", user_id=key[0], device_id=key[1], node_id=replaced.node_id)
+        if first:
+            rejoin += sorted(self.waking.pop(key, set()))
+        for call_id in dict.fromkeys(rejoin):
+            await self._rejoin(conn, call_id)
         logger.info("presence.registered", user_id=key[0], device_id=key[1], conn_id=conn.conn_id)
+
+    async def _rejoin(self, conn: Connection, call_id: str) -> None:
+        """Offer a ringing call to a device that just connected: woken by its push, or back on a new socket."""
+        handle = self.calls.get(call_id)
+        if handle is None or conn.device_id is None:
+            return
+        device_id = conn.device_id
+        old = handle.legs.get(device_id)
+        if old is not None and old is not conn:
+            old.legs.discard(call_id)
+        handle.legs[device_id] = conn
+        conn.legs.add(call_id)
+        pushed_at = handle.pushed_at.pop(device_id, None)
+        logger.info(
+            "call.device_connected",
+            call_id=call_id,
+            device_id=device_id,
+            push_to_connect_ms=None if pushed_at is None else round((self.clock.now() - pushed_at) * 1000),
+        )
+        await self._step(handle, core.DeviceConnected(device_id))
 
     def _token_expired(self, conn: Connection) -> None:
         if not conn.closing:
@@ -419,12 +469,22 @@ class Switchboard:
         if not opened.created or req.call_id in self.calls:
             raise CallIdInUse(f"call id {req.call_id!r} is in use")
         legs: dict[str, Connection] = {}
+        elsewhere: set[str] = {device_id} if req.to == identity.user_id else set()
         for binding in opened.callee.bindings:
             target = self.bound.get((binding.user_id, binding.device_id))
-            if target is None or target is conn or target.closing or target.conn_id != binding.conn_id:
+            if target is conn:
+                continue
+            if target is None or target.closing or target.conn_id != binding.conn_id:
+                # Live on another process: reached over the node bus (issue 4), never pushed while online.
+                elsewhere.add(binding.device_id)
                 continue
             legs[binding.device_id] = target
-        if not legs:
+        devices = {d.device_id: d for d in opened.callee.devices}
+        pushable = {d for d, dev in devices.items() if dev.push is not None and dev.push.voip_token is not None}
+        offline = [d for d in devices if d not in legs and d not in elsewhere]
+        sleeping = [d for d in offline if d in pushable]
+        absent = [d for d in offline if d not in pushable]
+        if not legs and not sleeping:
             await self.store.close_call(req.call_id)
             code = 480 if opened.callee.devices else 404
             logger.info("call.unreachable", call_id=req.call_id, user_id=identity.user_id, code=code)
@@ -442,13 +502,18 @@ class Switchboard:
             devices=list(legs),
             now=now,
             timeouts=self.timeouts,
+            sleeping=sleeping,
+            pushable=pushable,
+            absent=absent,
         )
-        handle = CallHandle(call, record, conn, legs)
+        handle = CallHandle(call, record, conn, legs, devices)
         self.calls[req.call_id] = handle
         conn.calls.add(req.call_id)
         for leg in legs.values():
             leg.legs.add(req.call_id)
-        logger.info("call.started", call_id=req.call_id, user_id=identity.user_id, devices=len(legs))
+        logger.info(
+            "call.started", call_id=req.call_id, user_id=identity.user_id, online=len(legs), sleeping=len(sleeping)
+        )
         await self._apply(handle, call.start())
 
     def _handle_for(self, conn: Connection, call_id: str) -> tuple[CallHandle, str | None]:
@@ -487,19 +552,20 @@ class Switchboard:
         await self._step(handle, core.IceReceived(req.seq, device_id, req.ice))
 
     async def _on_reply(self, conn: Connection, reply: wire.Reply) -> None:
+        self._registered(conn)
+        if reply.code >= 300 and reply.call_id not in self.calls:
+            # A device confirming a CANCEL (487) or declining a call that has just ended: nothing is left to do,
+            # and it did nothing wrong.
+            return
         handle, device_id = self._handle_for(conn, reply.call_id)
         event: core.Event
         if reply.method is wire.Method.UPDATE:
             event = core.UpdateAnswered(device_id, reply.code, reply.sdp)
         elif device_id is None:
             raise NoSuchCall("the caller does not answer its own INVITE")
-        elif reply.code == 100:
-            return  # a device's "trying" adds nothing for the caller
         elif reply.code < 200:
             event = core.LegProgressed(device_id, reply.code, reply.sdp)
-        elif reply.code < 300:
-            if reply.sdp is None:  # pragma: no cover - the wire layer requires it
-                raise NoSuchCall("200 without sdp")
+        elif reply.code < 300 and reply.sdp is not None:  # the wire layer requires sdp with every 2xx
             event = core.LegAnswered(device_id, reply.sdp)
         else:
             event = core.LegRejected(device_id, reply.code)
@@ -519,6 +585,7 @@ class Switchboard:
 
     async def _apply(self, handle: CallHandle, effects: list[core.Effect]) -> None:
         call_id = handle.call.call_id
+        notices: list[tuple[str, Notice]] = []
         for effect in effects:
             if isinstance(effect, core.SendToCaller):
                 await handle.caller.send(effect.frame)
@@ -527,17 +594,25 @@ class Switchboard:
                 if target is not None:
                     await target.send(effect.frame)
             elif isinstance(effect, core.StartTimer):
-                kind = effect.kind
-                old = handle.timers.pop(kind, None)
+                key = (effect.kind, effect.device_id)
+                old = handle.timers.pop(key, None)
                 if old is not None:
                     old.cancel()
-                handle.timers[kind] = self.clock.call_at(
-                    effect.at, functools.partial(self._timer_fired, handle, kind)
-                )
+                fire = functools.partial(self._timer_fired, handle, key)
+                handle.timers[key] = self.clock.call_at(effect.at, fire)
             elif isinstance(effect, core.StopTimer):
-                timer = handle.timers.pop(effect.kind, None)
+                timer = handle.timers.pop((effect.kind, effect.device_id), None)
                 if timer is not None:
                     timer.cancel()
+            elif isinstance(effect, core.SendVoipPush):
+                self.waking.setdefault((handle.call.callee_user, effect.device_id), set()).add(call_id)
+                self.spawn(self._send_voip_push(handle, effect.device_id))
+            elif isinstance(effect, core.RecordEnded):
+                notices.append((effect.device_id, self._notice(handle, NoticeKind.ENDED, effect.reason.value)))
+            elif isinstance(effect, core.RecordMissed):
+                notices.append((effect.device_id, self._notice(handle, NoticeKind.MISSED, None)))
+                if self.settings.missed_call_alerts:
+                    self._alert_missed(handle, effect.device_id)
             elif isinstance(effect, core.CallAnswered):
                 for device_id, leg in handle.legs.items():
                     if device_id != effect.device_id:
@@ -554,6 +629,94 @@ class Switchboard:
                     duration_ms=round((self.clock.now() - handle.call.created_at) * 1000),
                 )
                 await self._store_quietly(self.store.close_call(call_id))
+        if notices:
+            await self._store_quietly(self.store.add_notices(handle.call.callee_user, notices))
+
+    def _notice(self, handle: CallHandle, kind: NoticeKind, reason: str | None) -> Notice:
+        now = self.clock.now()
+        call = handle.call
+        # An "ended" notice matters until the push could no longer arrive (its APNs expiry is the ring deadline)
+        # and the app, woken at the last moment, has had time to connect; a missed call is kept much longer.
+        if kind is NoticeKind.ENDED:
+            expires = call.deadline + _ENDED_NOTICE_SLACK
+        else:
+            expires = now + self.settings.missed_call_ttl
+        return Notice(kind, call.call_id, call.caller_user, call.caller_name, call.video, now, expires, reason)
+
+    async def _send_voip_push(self, handle: CallHandle, device_id: str) -> None:
+        call = handle.call
+        device = handle.devices.get(device_id)
+        binding = device.push if device is not None else None
+        if binding is None or binding.voip_token is None:
+            await self._push_result(handle, core.PushFailed(device_id, certain=True))
+            return
+        ttl = call.deadline - self.clock.now() + _RECORD_SLACK
+        if not await self.store.claim_push(call.call_id, device_id, ttl):
+            logger.warning("push.duplicate_suppressed", call_id=call.call_id, device_id=device_id)
+            return
+        result = await self.push.send_incoming_call(
+            IncomingCallPush(
+                token=binding.voip_token,
+                bundle_id=binding.bundle_id,
+                environment=binding.environment,
+                call_id=call.call_id,
+                caller_id=call.caller_user,
+                caller_name=call.caller_name,
+                video=call.video,
+                sent_at=self.clock.now(),
+                deadline=call.deadline,
+            )
+        )
+        fields = {
+            "call_id": call.call_id,
+            "device_id": device_id,
+            "outcome": result.outcome.value,
+            "status": result.status,
+            "reason": result.reason,
+            "attempts": result.attempts,
+            "duration_ms": round(result.latency * 1000),
+        }
+        if result.outcome is Outcome.DELIVERED:
+            handle.pushed_at[device_id] = self.clock.now()
+            logger.info("call.push_accepted", **fields)
+            await self._push_result(handle, core.PushAccepted(device_id))
+            return
+        logger.warning("call.push_failed", **fields)
+        if result.outcome is Outcome.TOKEN_REJECTED:
+            since = result.token_invalid_since
+            await self._store_quietly(self._reject_token(call.callee_user, device_id, binding.voip_token, since))
+        certain = result.outcome in (Outcome.TOKEN_REJECTED, Outcome.PERMANENT)
+        await self._push_result(handle, core.PushFailed(device_id, certain=certain))
+
+    async def _reject_token(self, user_id: str, device_id: str, token: str, since: float | None) -> None:
+        if await self.store.reject_token(user_id, device_id, token, since):
+            logger.info("push.token_removed", user_id=user_id, device_id=device_id, token=token)
+
+    async def _push_result(self, handle: CallHandle, event: core.PushAccepted | core.PushFailed) -> None:
+        if self.calls.get(handle.call.call_id) is handle:
+            await self._step(handle, event)
+
+    def _alert_missed(self, handle: CallHandle, device_id: str) -> None:
+        device = handle.devices.get(device_id)
+        binding = device.push if device is not None else None
+        if binding is None or binding.alert_token is None:
+            return
+        alert = MissedCallAlert(
+            token=binding.alert_token,
+            bundle_id=binding.bundle_id,
+            environment=binding.environment,
+            call_id=handle.call.call_id,
+            caller_id=handle.call.caller_user,
+            caller_name=handle.call.caller_name,
+            at=self.clock.now(),
+        )
+
+        async def send() -> None:
+            result = await self.push.send_missed_call(alert)
+            outcome = result.outcome.value
+            logger.info("push.missed_call_alert", call_id=alert.call_id, device_id=device_id, outcome=outcome)
+
+        self.spawn(send())
 
     def _forget(self, handle: CallHandle) -> None:
         call_id = handle.call.call_id
@@ -564,6 +727,12 @@ class Switchboard:
         for timer in handle.timers.values():
             timer.cancel()
         handle.timers.clear()
+        for device_id in handle.call.legs:
+            waiting = self.waking.get((handle.call.callee_user, device_id))
+            if waiting is not None:
+                waiting.discard(call_id)
+                if not waiting:
+                    del self.waking[(handle.call.callee_user, device_id)]
 
     async def _store_quietly(self, op: Awaitable[None]) -> None:
         """Store writes after the parties were told: a failure is logged, and the record's TTL cleans up."""
@@ -572,10 +741,18 @@ class Switchboard:
         except StoreUnavailable as exc:
             logger.warning("store.write_failed", error=str(exc))
 
-    def _timer_fired(self, handle: CallHandle, kind: core.TimerKind) -> None:
-        handle.timers.pop(kind, None)
+    def _timer_fired(self, handle: CallHandle, key: tuple[core.TimerKind, str | None]) -> None:
+        handle.timers.pop(key, None)
         if self.calls.get(handle.call.call_id) is handle:
-            self.spawn(self._step(handle, core.TimerFired(kind)))
+            self.spawn(self._step(handle, core.TimerFired(*key)))
+
+
+def _notice_frame(notice: Notice) -> wire.EndedNotice | wire.MissedNotice:
+    if notice.kind is NoticeKind.ENDED:
+        reason = wire.CallKitReason(notice.reason or wire.CallKitReason.FAILED)
+        caller, name = notice.caller_id, notice.caller_name
+        return wire.EndedNotice(notice.call_id, reason, caller, name, notice.video, notice.at)
+    return wire.MissedNotice(notice.call_id, notice.caller_id, notice.caller_name, notice.video, notice.at)
 
 
 def _method_of(frame: wire.Inbound) -> str:
@@ -657,12 +834,20 @@ def build_store(settings: Settings, clock: Clock) -> Store:
     return RedisStore(settings.redis_url, clock, prefix=settings.redis_prefix, device_ttl=settings.device_ttl)
 
 
+def build_push(settings: Settings) -> PushProvider:
+    """The push provider the settings ask for: APNs with credentials, else the development recorder."""
+    from push.dev import DevelopmentProvider
+
+    return DevelopmentProvider()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     store: Store | None = None,
     clock: Clock | None = None,
     verifier: TokenVerifier | None = None,
+    push: PushProvider | None = None,
 ) -> web.Application:
     """The SIP-lite application: `/ws` (the protocol), `/healthz`, `/readyz`. Parts may be injected for tests."""
     settings = settings or Settings()
@@ -679,7 +864,8 @@ def create_app(
     app = web.Application()
     app[SETTINGS] = settings
     app[STORE] = store
-    board = Switchboard(settings, store, clock, verifier)
+    push = push or build_push(settings)
+    board = Switchboard(settings, store, clock, verifier, push)
     app[SWITCHBOARD] = board
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -693,6 +879,12 @@ def create_app(
         yield
         await store.close()
 
+    async def push_ctx(app: web.Application) -> AsyncIterator[None]:
+        await push.start()
+        logger.info("push.ready", provider=push.name)
+        yield
+        await push.close()
+
     async def board_ctx(app: web.Application) -> AsyncIterator[None]:
         board.start()
         yield
@@ -702,6 +894,7 @@ def create_app(
             await asyncio.wait_for(board.stop(), settings.shutdown_timeout)
 
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(push_ctx)
     app.cleanup_ctx.append(board_ctx)
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/ws", websocket_handler)

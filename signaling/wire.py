@@ -64,9 +64,29 @@ class EndReason(StrEnum):
     ANSWERED_ELSEWHERE = "answered_elsewhere"
     DECLINED_ELSEWHERE = "declined_elsewhere"
     NO_ANSWER = "no_answer"
+    UNREACHABLE = "unreachable"  # no device could be reached (all gone, busy elsewhere, or pushes failed)
     CALLER_GONE = "caller_gone"
     REMOTE_HANGUP = "remote_hangup"
     PEER_GONE = "peer_gone"
+
+
+class CallKitReason(StrEnum):
+    """Why a call ended, for a device that was woken for it: one-to-one with CallKit's CXCallEndedReason."""
+
+    FAILED = "failed"
+    REMOTE_ENDED = "remote_ended"
+    UNANSWERED = "unanswered"
+    ANSWERED_ELSEWHERE = "answered_elsewhere"
+    DECLINED_ELSEWHERE = "declined_elsewhere"
+
+
+class Stage(StrEnum):
+    """Where an outgoing call stands, reported to the caller with the server's time (`at`)."""
+
+    PUSH_SENT = "push_sent"  # 183: APNs accepted a VoIP push to a sleeping device
+    CALLEE_CONNECTED = "callee_connected"  # 183: a woken device connected and was offered the call
+    RINGING = "ringing"  # 180
+    ANSWERED = "answered"  # 200
 
 
 REASON_PHRASES: Final[dict[int, str]] = {
@@ -208,13 +228,17 @@ class Response:
     user: str | None = None
     device_id: str | None = None
     expires: int | None = None
+    # Progress of an outgoing call (183/180/200 to the caller), with the server's wall-clock time.
+    stage: Stage | None = None
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorNotice:
     """An error about a frame that is not a request the server can answer with a `response`: an undecodable
-    frame whose `seq` could not be read, or a client `response` frame that was refused. `seq` echoes the
-    offending frame's, when it had one; it never matches one of the client's own requests."""
+    frame whose `seq` or `type` could not be read, or a client `response` frame that was refused. `seq` echoes
+    the offending frame's, when it had one; being an `error` and not a `response`, it answers none of the
+    client's requests even when the number coincides."""
 
     code: int
     error: str
@@ -233,6 +257,29 @@ class InviteOffer:
     caller_name: str | None
     sdp: str
     video: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndedNotice:
+    """Sent right after REGISTER's 200 to a device that was woken for a call which has since ended."""
+
+    call_id: str
+    reason: CallKitReason
+    caller: str
+    caller_name: str | None
+    video: bool
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MissedNotice:
+    """Sent after REGISTER's 200: a call this device missed while it was not connected."""
+
+    call_id: str
+    caller: str
+    caller_name: str | None
+    video: bool
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +311,18 @@ class IceRelay:
     ice: IceCandidate
 
 
-Outbound = Response | ErrorNotice | InviteOffer | AckRelay | CancelNotice | ByeNotice | UpdateRelay | IceRelay
+Outbound = (
+    Response
+    | ErrorNotice
+    | EndedNotice
+    | MissedNotice
+    | InviteOffer
+    | AckRelay
+    | CancelNotice
+    | ByeNotice
+    | UpdateRelay
+    | IceRelay
+)
 # Server requests the client must answer with a `response` frame.
 EXPECTS_REPLY: Final = (InviteOffer, UpdateRelay)
 
@@ -382,7 +440,7 @@ def _reply(obj: dict[str, Any], seq: int) -> Reply:
     if type(code) is not int or not 100 <= code <= 699:
         raise InvalidField("code", "must be a status code from 100 to 699")
     sdp = _opt_sdp(obj)
-    if code == 200 and sdp is None:
+    if 200 <= code < 300 and sdp is None:
         raise MissingField("sdp")
     return Reply(
         seq=seq,
@@ -500,6 +558,8 @@ def to_map(frame: Outbound, seq: int | None = None) -> dict[str, Any]:
             "user",
             "device_id",
             "expires",
+            "stage",
+            "at",
         ):
             value = getattr(frame, name)
             if value is not None:
@@ -520,6 +580,15 @@ def to_map(frame: Outbound, seq: int | None = None) -> dict[str, Any]:
             out["from_name"] = frame.caller_name
         out["sdp"] = frame.sdp
         out["video"] = frame.video
+    elif isinstance(frame, EndedNotice | MissedNotice):
+        out["type"] = "ended" if isinstance(frame, EndedNotice) else "missed"
+        if isinstance(frame, EndedNotice):
+            out["reason"] = frame.reason.value
+        out["from"] = frame.caller
+        if frame.caller_name is not None:
+            out["from_name"] = frame.caller_name
+        out["video"] = frame.video
+        out["at"] = frame.at
     elif isinstance(frame, AckRelay):
         out["type"] = "ack"
     elif isinstance(frame, CancelNotice):

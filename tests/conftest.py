@@ -55,3 +55,40 @@ async def sip(request: pytest.FixtureRequest, manual_clock: ManualClock) -> Asyn
         store = MemoryStore(manual_clock)
     async with running(settings, store, manual_clock) as harness:
         yield harness
+
+
+# --- APNs ----------------------------------------------------------------------------------------------------
+
+# Imported here, not at the top, so this section stays an append-only block.
+from push.apns import ApnsConfig, ApnsProvider  # noqa: E402
+from tests.apns_server import ApnsPki, ApnsServer, make_pki  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def apns_pki(tmp_path_factory: pytest.TempPathFactory) -> ApnsPki:
+    """A CA, server and client certificates and a .p8 signing key for the local APNs stand-in."""
+    return make_pki(tmp_path_factory.mktemp("apns-pki"))
+
+
+@pytest.fixture
+async def apns_server(apns_pki: ApnsPki) -> AsyncIterator[ApnsServer]:
+    """A local APNs-compatible HTTP/2 server over TLS (see tests/apns_server.py)."""
+    server = ApnsServer(apns_pki)
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def apns_config(apns_server: ApnsServer) -> ApnsConfig:
+    """Token auth, both environments pointing at `apns_server`, 2 s timeout, 10 ms backoff, no keep-warm."""
+    return apns_server.config()
+
+
+@pytest.fixture
+async def apns_provider(apns_config: ApnsConfig) -> AsyncIterator[ApnsProvider]:
+    """A started `ApnsProvider` on `apns_config` (the real aioapns client), closed at the end."""
+    provider = ApnsProvider(apns_config)
+    await provider.start()
+    yield provider
+    await provider.close()

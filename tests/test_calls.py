@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from signaling.client import CallFailed
+from signaling.client import CallFailed, ClientError
 from tests.harness import ANSWER, OFFER, Harness
 
 
@@ -284,3 +284,31 @@ async def test_calling_yourself_rings_your_other_devices_only(sip: Harness) -> N
     incoming = await laptop.incoming()
     assert incoming.call_id == call.call_id
     assert phone.pending_events() == []
+
+
+async def test_an_update_pending_when_the_call_ends_gets_487(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    update = asyncio.create_task(call.update(OFFER))
+    await bob.next_event("update")
+    await incoming.hangup()
+    with pytest.raises(ClientError) as ended:
+        await update
+    assert ended.value.code == 487
+
+
+async def test_a_device_confirming_a_cancel_with_487_is_not_an_error(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await call.cancel()
+    await bob.next_event("cancel")
+    await incoming.reject(487)
+    assert (await bob.keepalive())["code"] == 200
+    assert bob.pending_events() == []

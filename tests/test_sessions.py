@@ -105,7 +105,7 @@ async def test_a_stranger_cannot_touch_someone_elses_call(sip: Harness) -> None:
     assert (await call.answered())["sdp"] == ANSWER
 
 
-async def test_reregistering_a_device_replaces_the_old_connection(sip: Harness) -> None:
+async def test_reregistering_a_device_replaces_the_old_connection_and_keeps_its_call(sip: Harness) -> None:
     alice = await sip.device("alice")
     old = await sip.device("bob", "bob-phone")
     call = await alice.invite("bob", OFFER)
@@ -115,13 +115,16 @@ async def test_reregistering_a_device_replaces_the_old_connection(sip: Harness) 
     assert closed.code == 4409
     presence = await sip.board.store.presence("bob")
     assert len(presence.bindings) == 1
-    # The ringing leg went with the old connection: the caller hears 480.
-    with pytest.raises(ClientError) as failed:
-        await call.answered()
-    assert failed.value.code == 480
-    # And new calls ring the new connection.
-    await alice.invite("bob", OFFER)
-    assert (await new.incoming()).caller == "alice"
+    # The ringing call moved to the new connection (a phone that changed networks keeps ringing).
+    incoming = await new.incoming()
+    assert incoming.call_id == call.call_id
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["code"] == 200
+    # Registering again on the same connection does not offer the call a second time.
+    await new.register(sip.token("bob"), "bob-phone")
+    await call.ack()
+    assert (await new.next_event("ack"))["call_id"] == call.call_id
+    assert new.pending_events() == []
 
 
 async def test_token_renewal_on_the_same_connection(sip: Harness) -> None:
@@ -132,6 +135,14 @@ async def test_token_renewal_on_the_same_connection(sip: Harness) -> None:
     for _ in range(10):  # well past the first token's expiry (100 s + leeway)
         sip.clock.advance(20)
         assert (await bob.keepalive())["code"] == 200
+
+
+async def test_token_renewal_without_push_keeps_the_push_binding(sip: Harness) -> None:
+    bob = await sip.connect()
+    await bob.register(sip.token("bob"), "bob-phone", push=PUSH)
+    await bob.register(sip.token("bob"), "bob-phone")
+    [device] = (await sip.board.store.presence("bob")).devices
+    assert device.push is not None and device.push.voip_token == PUSH["voip_token"]
 
 
 async def test_expired_token_closes_the_connection(sip: Harness) -> None:

@@ -25,11 +25,13 @@ from signaling.models import (
     CallPhase,
     CallRecord,
     Device,
+    Notice,
+    NoticeKind,
     Platform,
     PushBinding,
     PushEnvironment,
 )
-from signaling.store.base import CallOpened, Presence, Store
+from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered, Store
 from signaling.store.memory import DEFAULT_DEVICE_TTL, SWEEP_INTERVAL, MemoryStore
 from signaling.store.redis import GC_SLACK, RedisStore
 from tests.redis_server import RedisServer, free_port
@@ -141,11 +143,43 @@ async def register(
     ttl: float = 60.0,
     max_devices: int = MANY,
     registered_at: float | None = None,
-) -> tuple[Binding, Binding | None]:
-    """Register (user, device) on `conn_id`; return the new binding and what it replaced."""
+) -> tuple[Binding, Registered]:
+    """Register (user, device) on `conn_id`; return the new binding and what the store answered."""
     binding = make_binding(clock, user_id, device_id, conn_id, node_id=node_id, ttl=ttl)
     device = make_device(clock, user_id, device_id, registered_at=registered_at)
     return binding, await store.register(binding, device, max_devices)
+
+
+async def take_notices(
+    store: Store, clock: ManualClock, user_id: str = "alice", device_id: str = "phone"
+) -> tuple[Notice, ...]:
+    """Register (user, device) and return the notices it took."""
+    _, registered = await register(store, clock, user_id, device_id)
+    return registered.notices
+
+
+def make_notice(
+    clock: ManualClock,
+    call_id: str = "call-1",
+    *,
+    kind: NoticeKind = NoticeKind.MISSED,
+    at: float | None = None,
+    ttl: float = 3600.0,
+    caller_name: str | None = "Bob Example",
+    video: bool = False,
+    reason: str | None = None,
+) -> Notice:
+    when = clock.now() if at is None else at
+    return Notice(
+        kind=kind,
+        call_id=call_id,
+        caller_id="bob",
+        caller_name=caller_name,
+        video=video,
+        at=when,
+        expires_at=clock.now() + ttl,
+        reason=reason,
+    )
 
 
 def make_call(call_id: str = "call-1", callee: str = "bob", **changes: Any) -> CallRecord:
@@ -173,9 +207,9 @@ def conn_ids(presence: Presence) -> list[str]:
 
 
 async def test_register_then_presence(store: Store, manual_clock: ManualClock) -> None:
-    binding, replaced = await register(store, manual_clock)
+    binding, registered = await register(store, manual_clock)
 
-    assert replaced is None
+    assert registered == Registered(replaced=None, notices=())
     assert await store.presence("alice") == Presence(devices=(make_device(manual_clock),), bindings=(binding,))
     assert await store.presence("bob") == Presence(devices=(), bindings=())
 
@@ -201,9 +235,9 @@ async def test_reregister_from_another_connection_returns_the_replaced_binding(
     old, _ = await register(store, manual_clock, conn_id="c1", node_id="node-1")
     manual_clock.advance(5)
 
-    new, replaced = await register(store, manual_clock, conn_id="c2", node_id="node-2")
+    new, registered = await register(store, manual_clock, conn_id="c2", node_id="node-2")
 
-    assert replaced == old
+    assert registered.replaced == old
     presence = await store.presence("alice")
     assert presence.bindings == (new,)
     assert presence.devices == (make_device(manual_clock),)
@@ -215,9 +249,9 @@ async def test_reregister_from_the_same_connection_replaces_nothing(
     await register(store, manual_clock, conn_id="c1")
     manual_clock.advance(5)
 
-    new, replaced = await register(store, manual_clock, conn_id="c1", ttl=120)
+    new, registered = await register(store, manual_clock, conn_id="c1", ttl=120)
 
-    assert replaced is None
+    assert registered.replaced is None
     assert (await store.presence("alice")).bindings == (new,)
 
 
@@ -233,8 +267,8 @@ async def test_expired_binding_is_absent_and_not_reported_as_replaced(
     assert presence.bindings == ()
     assert device_ids(presence) == ["phone"]
 
-    _, replaced = await register(store, manual_clock, conn_id="c2")
-    assert replaced is None
+    _, registered = await register(store, manual_clock, conn_id="c2")
+    assert registered.replaced is None
 
 
 async def test_register_rejects_inconsistent_arguments(store: Store, manual_clock: ManualClock) -> None:
@@ -329,9 +363,9 @@ async def test_max_devices_evicts_the_least_recently_registered(store: Store, ma
     assert device_ids(await store.presence("alice")) == ["d1", "d2", "d3"]
     manual_clock.advance(1)
 
-    _, replaced = await register(store, manual_clock, device_id="d4", conn_id="c4", max_devices=3)
+    _, registered = await register(store, manual_clock, device_id="d4", conn_id="c4", max_devices=3)
 
-    assert replaced is None  # eviction is not replacement
+    assert registered.replaced is None  # eviction is not replacement
     presence = await store.presence("alice")
     assert device_ids(presence) == ["d1", "d3", "d4"]
     assert sorted(conn_ids(presence)) == ["c2", "c4", "c9"]  # d2's binding went with it
@@ -436,6 +470,281 @@ async def test_device_records_round_trip_exactly(
     await store.register(binding, device, MANY)
 
     assert await store.presence("alice") == Presence(devices=(device,), bindings=(binding,))
+
+
+# --- notices -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "notice",
+    [
+        Notice(NoticeKind.MISSED, "call-1", "bob", "Bob Example", False, 1_800_000_000.123456789, 1.9e9),
+        Notice(NoticeKind.MISSED, "call:{2}", "{bob}", None, True, 1_800_000_000.0, 1_800_000_059.987654321),
+        Notice(NoticeKind.ENDED, "call-3", "bób", 'Bób "/\u2028 用户', True, 1.7e9, 1.9e9, "answeredElsewhere"),
+        Notice(NoticeKind.ENDED, "", "", "", False, 0.5, 1_800_000_000.000001, "remoteEnded"),
+    ],
+    ids=["missed", "missed-no-name", "ended-odd-text", "ended-empty"],
+)
+async def test_notices_round_trip_exactly(store: Store, manual_clock: ManualClock, notice: Notice) -> None:
+    await store.add_notices("alice", [("phone", notice)])
+
+    assert await take_notices(store, manual_clock) == (notice,)
+
+
+async def test_notices_are_taken_once(store: Store, manual_clock: ManualClock) -> None:
+    notice = make_notice(manual_clock)
+    await store.add_notices("alice", [("phone", notice)])
+
+    assert await take_notices(store, manual_clock) == (notice,)
+    assert await take_notices(store, manual_clock) == ()
+
+
+async def test_notices_come_oldest_first_by_time_then_insertion(store: Store, manual_clock: ManualClock) -> None:
+    t = manual_clock.now()
+    first_batch = [make_notice(manual_clock, "c", at=t - 5), make_notice(manual_clock, "a", at=t - 10)]
+    second_batch = [make_notice(manual_clock, "d", at=t - 5), make_notice(manual_clock, "b", at=t - 7)]
+    await store.add_notices("alice", [("phone", n) for n in first_batch])
+    await store.add_notices("alice", [("phone", n) for n in second_batch])
+
+    assert [n.call_id for n in await take_notices(store, manual_clock)] == ["a", "b", "c", "d"]
+
+
+async def test_expired_notices_are_never_returned(store: Store, manual_clock: ManualClock) -> None:
+    short = make_notice(manual_clock, "short", ttl=10)
+    long = make_notice(manual_clock, "long", ttl=100)
+    await store.add_notices("alice", [("phone", short), ("phone", long), ("ipad", short)])
+    await store.add_notices("alice", [("phone", make_notice(manual_clock, "dead-on-arrival", ttl=0))])
+    manual_clock.advance(10)  # now == short.expires_at: expired
+
+    assert await take_notices(store, manual_clock, device_id="phone") == (long,)
+    assert await take_notices(store, manual_clock, device_id="ipad") == ()
+
+
+async def test_notices_are_per_device_and_per_user(store: Store, manual_clock: ManualClock) -> None:
+    for_phone = make_notice(manual_clock, "k1")
+    for_ipad = [make_notice(manual_clock, "k2", kind=NoticeKind.ENDED, reason="unanswered"), for_phone]
+    await register(store, manual_clock, "alice", "ipad", "c1")
+    await store.add_notices("alice", [("phone", for_phone), ("ipad", for_ipad[0]), ("ipad", for_ipad[1])])
+    await store.add_notices("bob", [("tablet", for_phone)])
+
+    assert await take_notices(store, manual_clock, "alice", "tablet") == ()
+    assert await take_notices(store, manual_clock, "bob", "phone") == ()
+    assert await take_notices(store, manual_clock, "alice", "ipad") == tuple(for_ipad)
+    assert await take_notices(store, manual_clock, "alice", "phone") == (for_phone,)
+    assert await take_notices(store, manual_clock, "bob", "tablet") == (for_phone,)
+
+
+async def test_notices_are_capped_keeping_the_newest(store: Store, manual_clock: ManualClock) -> None:
+    t = manual_clock.now()
+    # Added newest first, so insertion order and age disagree: the cap goes by age.
+    notices = [make_notice(manual_clock, f"k{i}", at=t - i) for i in range(MAX_NOTICES + 7)]
+    await store.add_notices("alice", [("phone", n) for n in notices[:3]])
+    await store.add_notices("alice", [("phone", n) for n in notices[3:]])
+    await store.add_notices("alice", [("ipad", n) for n in notices[:MAX_NOTICES]])
+
+    assert await take_notices(store, manual_clock) == tuple(reversed(notices[:MAX_NOTICES]))
+    assert await take_notices(store, manual_clock, device_id="ipad") == tuple(reversed(notices[:MAX_NOTICES]))
+
+
+async def test_expired_notices_do_not_count_towards_the_cap(store: Store, manual_clock: ManualClock) -> None:
+    t = manual_clock.now()
+    old = [make_notice(manual_clock, f"old{i}", at=t, ttl=10) for i in range(MAX_NOTICES)]
+    await store.add_notices("alice", [("phone", n) for n in old])
+    manual_clock.advance(10)
+    fresh = make_notice(manual_clock, "fresh", at=t - 1)  # older `at` than every expired one
+
+    await store.add_notices("alice", [("phone", fresh)])
+
+    assert await take_notices(store, manual_clock) == (fresh,)
+
+
+async def test_notices_wait_for_the_next_register(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, conn_id="c1")
+    first = make_notice(manual_clock, "k1")
+    await store.add_notices("alice", [("phone", first)])
+    await store.refresh([make_binding(manual_clock, conn_id="c1")])
+    assert await store.unregister("alice", "phone", "c1") is True
+
+    _, registered = await register(store, manual_clock, conn_id="c2")
+    assert registered.notices == (first,)
+
+    second = make_notice(manual_clock, "k2")
+    await store.add_notices("alice", [("phone", second)])
+    _, registered = await register(store, manual_clock, conn_id="c3")  # replacing c2 takes them too
+    assert registered == Registered(replaced=make_binding(manual_clock, conn_id="c2"), notices=(second,))
+    _, registered = await register(store, manual_clock, conn_id="c3")
+    assert registered.notices == ()
+
+
+async def test_forget_device_drops_its_notices(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, device_id="phone", conn_id="c1")
+    notice = make_notice(manual_clock)
+    await store.add_notices("alice", [("phone", notice), ("ipad", notice)])
+
+    await store.forget_device("alice", "phone")
+    await store.forget_device("alice", "tablet")
+
+    assert await take_notices(store, manual_clock, device_id="phone") == ()
+    assert await take_notices(store, manual_clock, device_id="ipad") == (notice,)
+
+
+async def test_eviction_drops_the_evicted_devices_notices(store: Store, manual_clock: ManualClock) -> None:
+    await register(store, manual_clock, device_id="old", conn_id="c1")
+    manual_clock.advance(1)
+    await register(store, manual_clock, device_id="kept", conn_id="c2")
+    notice = make_notice(manual_clock)
+    await store.add_notices("alice", [("old", notice), ("kept", notice)])
+    manual_clock.advance(1)
+
+    await register(store, manual_clock, device_id="new", conn_id="c3", max_devices=2)
+
+    assert device_ids(await store.presence("alice")) == ["kept", "new"]
+    assert await take_notices(store, manual_clock, device_id="old") == ()
+    assert await take_notices(store, manual_clock, device_id="kept") == (notice,)
+
+
+async def test_notices_outlive_an_expired_device_record_until_their_own_expiry(
+    make_store: MakeStore, manual_clock: ManualClock
+) -> None:
+    """A device record lapsing (device_ttl) is not forgetting it: its notices keep their own deadline."""
+    store = await make_store(device_ttl=100)
+    await register(store, manual_clock, device_id="phone", conn_id="c1")
+    notice = make_notice(manual_clock, ttl=1000)
+    await store.add_notices("alice", [("phone", notice)])
+    manual_clock.advance(SWEEP_INTERVAL + 100)
+    await register(store, manual_clock, device_id="ipad", conn_id="c2")  # drops the lapsed phone record
+
+    assert device_ids(await store.presence("alice")) == ["ipad"]
+    assert await take_notices(store, manual_clock, device_id="phone") == (notice,)
+
+
+async def test_adding_no_notices_is_a_no_op(store: Store) -> None:
+    await store.add_notices("alice", [])
+
+
+# --- push claims -------------------------------------------------------------------------------------------------
+
+
+async def test_claim_push_once_per_call_and_device_within_ttl(store: Store, manual_clock: ManualClock) -> None:
+    assert await store.claim_push("call-1", "phone", ttl=30) is True
+    assert await store.claim_push("call-1", "phone", ttl=30) is False
+    assert await store.claim_push("call-1", "ipad", ttl=30) is True
+    assert await store.claim_push("call-2", "phone", ttl=30) is True
+    manual_clock.advance(29.5)
+    assert await store.claim_push("call-1", "phone", ttl=30) is False
+
+    manual_clock.advance(0.5)  # now == the claim's expiry: expired
+
+    assert await store.claim_push("call-1", "phone", ttl=0.25) is True
+    assert await store.claim_push("call-1", "phone", ttl=30) is False
+    manual_clock.advance(0.25)
+    assert await store.claim_push("call-1", "phone", ttl=30) is True
+
+
+async def test_claim_push_keys_do_not_collide(store: Store) -> None:
+    pairs = [("a", "b:c"), ("a:b", "c"), ("{a}", "b"), ("a", "{b}"), ("", ""), ("%", "")]
+    for call_id, device_id in pairs:
+        assert await store.claim_push(call_id, device_id, ttl=30) is True
+    for call_id, device_id in pairs:
+        assert await store.claim_push(call_id, device_id, ttl=30) is False
+
+
+# --- rejected tokens ---------------------------------------------------------------------------------------------
+
+
+async def register_device(store: Store, device: Device) -> None:
+    binding = Binding(device.user_id, device.device_id, "c1", "node-1", expires_at=device.registered_at + 60)
+    await store.register(binding, device, MANY)
+
+
+@pytest.mark.parametrize(
+    ("token", "left"),
+    [
+        (PUSH.voip_token, dataclasses.replace(PUSH, voip_token=None)),
+        (PUSH.alert_token, dataclasses.replace(PUSH, alert_token=None)),
+    ],
+    ids=["voip", "alert"],
+)
+async def test_reject_token_removes_that_token_only(
+    store: Store, manual_clock: ManualClock, token: str, left: PushBinding
+) -> None:
+    device = make_device(manual_clock, registered_at=manual_clock.now() + 0.123456789)
+    await register_device(store, device)
+    binding = (await store.presence("alice")).bindings
+
+    assert await store.reject_token("alice", "phone", token, invalid_since=None) is True
+
+    assert await store.presence("alice") == Presence(
+        devices=(dataclasses.replace(device, push=left),), bindings=binding
+    )
+    assert await store.reject_token("alice", "phone", token, invalid_since=None) is False
+
+
+async def test_reject_both_tokens_leaves_no_push_binding(store: Store, manual_clock: ManualClock) -> None:
+    push = PushBinding(Platform.IOS, "org.example/débug", PushEnvironment.SANDBOX, 'aa/"x', "用户")
+    device = make_device(manual_clock, push=push, registered_at=manual_clock.now() - 0.987654321)
+    await register_device(store, device)
+
+    assert await store.reject_token("alice", "phone", 'aa/"x', invalid_since=None) is True
+    voip_gone = dataclasses.replace(device, push=dataclasses.replace(push, voip_token=None))
+    assert (await store.presence("alice")).devices == (voip_gone,)
+    assert await store.reject_token("alice", "phone", "用户", invalid_since=None) is True
+
+    assert (await store.presence("alice")).devices == (dataclasses.replace(device, push=None),)
+    assert await store.reject_token("alice", "phone", "用户", invalid_since=None) is False
+
+
+async def test_reject_a_token_used_for_both_clears_both(store: Store, manual_clock: ManualClock) -> None:
+    push = dataclasses.replace(PUSH, alert_token=PUSH.voip_token)
+    device = make_device(manual_clock, push=push)
+    await register_device(store, device)
+
+    assert await store.reject_token("alice", "phone", "ab" * 32, invalid_since=None) is True
+
+    assert (await store.presence("alice")).devices == (dataclasses.replace(device, push=None),)
+
+
+async def test_reject_an_unknown_token_changes_nothing(store: Store, manual_clock: ManualClock) -> None:
+    await register_device(store, make_device(manual_clock))
+    await register_device(store, make_device(manual_clock, device_id="bare", push=None))
+    before = await store.presence("alice")
+
+    assert await store.reject_token("alice", "phone", "ef" * 32, invalid_since=None) is False
+    assert await store.reject_token("alice", "phone", "", invalid_since=None) is False
+    assert await store.reject_token("alice", "bare", "ab" * 32, invalid_since=None) is False
+    assert await store.reject_token("alice", "ipad", "ab" * 32, invalid_since=None) is False
+    assert await store.reject_token("bob", "phone", "ab" * 32, invalid_since=None) is False
+
+    assert await store.presence("alice") == before
+
+
+async def test_reject_token_keeps_a_token_registered_after_it_became_invalid(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    registered_at = manual_clock.now() - 100
+    device = make_device(manual_clock, registered_at=registered_at)
+    await register_device(store, device)
+
+    assert await store.reject_token("alice", "phone", "ab" * 32, invalid_since=registered_at - 0.001) is False
+    assert (await store.presence("alice")).devices == (device,)
+
+    assert await store.reject_token("alice", "phone", "ab" * 32, invalid_since=registered_at) is True
+    assert await store.reject_token("alice", "phone", "cd" * 32, invalid_since=registered_at + 50) is True
+    assert (await store.presence("alice")).devices == (dataclasses.replace(device, push=None),)
+
+
+async def test_reject_token_keeps_the_device_records_expiry(
+    make_store: MakeStore, manual_clock: ManualClock
+) -> None:
+    store = await make_store(device_ttl=100)
+    await register(store, manual_clock, conn_id="c1", ttl=1000)
+    manual_clock.advance(60)
+
+    assert await store.reject_token("alice", "phone", "ab" * 32, invalid_since=None) is True
+    manual_clock.advance(40)  # device_ttl after the registration, not after the rejection
+
+    assert await store.presence("alice") == Presence(devices=(), bindings=())
+    assert await store.reject_token("alice", "phone", "cd" * 32, invalid_since=None) is False
 
 
 # --- calls -------------------------------------------------------------------------------------------------------
@@ -553,12 +862,18 @@ async def test_memory_store_sweeps_out_what_expired(manual_clock: ManualClock) -
     await register(store, manual_clock, "bob", "phone", "c2", ttl=1000)
     await store.open_call(make_call("k1"), ttl=10)
     await store.open_call(make_call("k2"), ttl=1000)
+    short, long = make_notice(manual_clock, "k1", ttl=10), make_notice(manual_clock, "k2", ttl=1000)
+    await store.add_notices("alice", [("phone", short), ("ipad", short), ("ipad", long)])
+    await store.claim_push("k1", "phone", ttl=10)
+    await store.claim_push("k2", "phone", ttl=1000)
     manual_clock.advance(SWEEP_INTERVAL)
 
     await store.refresh([])  # any write runs a sweep that is due
 
     assert list(store._bindings) == [("bob", "phone")]
     assert list(store._calls) == ["k2"]
+    assert store._notices == {("alice", "ipad"): [long]}
+    assert list(store._claims) == [("k2", "phone")]
     manual_clock.advance(100)
     await store.close_call("none")  # not a sweeping write
     await store.forget_device("nobody", "phone")
@@ -651,11 +966,56 @@ class CloseCall:
 
 
 @dataclass(frozen=True)
+class AddNotices:
+    user: str
+    notices: tuple[tuple[str, str, float, float], ...]  # device, call id, age, ttl
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        batch = [(d, make_notice(clock, c, at=clock.now() - age, ttl=t)) for d, c, age, t in self.notices]
+        await store.add_notices(self.user, batch)
+        return None
+
+
+@dataclass(frozen=True)
+class ClaimPush:
+    call_id: str
+    device: str
+    ttl: float
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        return await store.claim_push(self.call_id, self.device, self.ttl)
+
+
+@dataclass(frozen=True)
+class RejectToken:
+    user: str
+    device: str
+    token: str
+    invalid_age: float | None  # invalid_since, as seconds before now
+
+    async def run(self, store: Store, clock: ManualClock) -> object:
+        since = None if self.invalid_age is None else clock.now() - self.invalid_age
+        return await store.reject_token(self.user, self.device, self.token, since)
+
+
+@dataclass(frozen=True)
 class Advance:
     seconds: float
 
 
-Operation = Register | Unregister | Refresh | Forget | OpenCall | UpdateCall | CloseCall | Advance
+Operation = (
+    Register
+    | Unregister
+    | Refresh
+    | Forget
+    | OpenCall
+    | UpdateCall
+    | CloseCall
+    | AddNotices
+    | ClaimPush
+    | RejectToken
+    | Advance
+)
 
 _users = st.sampled_from(["alice", "bob"])
 _devices = st.sampled_from(["a", "B", "ü"])
@@ -670,6 +1030,21 @@ _operations: st.SearchStrategy[Operation] = st.one_of(
     st.builds(OpenCall, _calls, _users, _ttls),
     st.builds(UpdateCall, _calls, _ttls),
     st.builds(CloseCall, _calls),
+    st.builds(
+        AddNotices,
+        _users,
+        st.lists(st.tuples(_devices, _calls, st.sampled_from([0.0, 1.0]), _ttls), max_size=MAX_NOTICES + 2).map(
+            tuple
+        ),
+    ),
+    st.builds(ClaimPush, _calls, _devices, _ttls),
+    st.builds(
+        RejectToken,
+        _users,
+        _devices,
+        st.sampled_from([PUSH.voip_token or "", PUSH.alert_token or "", "other"]),
+        st.sampled_from([None, 0.0, 10.0, 30.0]),
+    ),
     st.builds(Advance, st.sampled_from([0.0, 0.5, 5.0, 30.0, 60.0])),
 )
 
@@ -712,15 +1087,25 @@ async def test_redis_key_layout(
     await register(redis_store, manual_clock, "alice", "phone", "c1")
     await register(redis_store, manual_clock, "{bob}", "a:b", "c2")
     await redis_store.open_call(make_call("call-1"), ttl=60)
+    notice = make_notice(manual_clock)
+    await redis_store.add_notices("alice", [("phone", notice), ("ipad", notice)])
+    await redis_store.add_notices("{bob}", [("a:b", notice)])
+    await redis_store.claim_push("call-1", "phone", ttl=30)
+    await redis_store.claim_push("{x}", "a:b", ttl=30)
 
     keys = {key async for key in redis_client.scan_iter()}
 
     assert keys == {
         "siplite:{alice}:devs",
         "siplite:{alice}:b:phone",
+        "siplite:{alice}:n:phone",
+        "siplite:{alice}:n:ipad",
         "siplite:{%7Bbob%7D}:devs",
         "siplite:{%7Bbob%7D}:b:a:b",
+        "siplite:{%7Bbob%7D}:n:a:b",
         "siplite:call:{call-1}",
+        "siplite:push:{call-1}:phone",
+        "siplite:push:{%7Bx%7D}:a:b",
     }
 
 
@@ -739,16 +1124,34 @@ async def test_every_redis_key_has_the_prefix_and_a_ttl(
         await store.refresh([make_binding(manual_clock, "bob", "phone", "c2", ttl=90)])
         await store.open_call(make_call("call-1"), ttl=45)
         await store.update_call(make_call("call-2"), ttl=0.5)
+        devs_ttl = await redis_client.ttl(f"{prefix}{{alice}}:devs")
+        await store.reject_token("alice", "phone", PUSH.voip_token or "", invalid_since=None)
+        await store.reject_token("alice", "ipad", PUSH.voip_token or "", invalid_since=None)
+        await store.reject_token("alice", "ipad", PUSH.alert_token or "", invalid_since=None)
+        notices = [make_notice(manual_clock, ttl=0.5), make_notice(manual_clock, ttl=600.25)]
+        await store.add_notices("alice", [("phone", notices[0]), ("ipad", notices[1]), ("nowhere", notices[0])])
+        await store.add_notices("bob", [("phone", notices[1])])
+        await store.add_notices("bob", [("phone", notices[0])])  # the later expiry still sets the TTL
+        await store.claim_push("call-1", "phone", ttl=30)
+        await store.claim_push("call-1", "phone", ttl=30)  # refused: leaves the first claim's TTL
+        await store.claim_push("call-1", "ipad", ttl=0.5)
     finally:
         await store.close()
 
     keys = [key async for key in redis_client.scan_iter()]
-    # A hash and a binding per device (alice has three), and two call records.
-    assert len(keys) == (1 + 3) + (1 + 2) + (1 + 2) + 2
+    # A hash and a binding per device (alice has three), two call records, four notice lists, two claims.
+    assert len(keys) == (1 + 3) + (1 + 2) + (1 + 2) + 2 + 4 + 2
     for key in keys:
         assert key.startswith(prefix)
         ttl = await redis_client.ttl(key)
         assert GC_SLACK <= ttl <= 3600 + GC_SLACK + 1, key
+    # Rejecting tokens leaves a device hash's TTL alone (the test takes well under a second).
+    assert devs_ttl - 1 <= await redis_client.ttl(f"{prefix}{{alice}}:devs") <= devs_ttl
+    # Each notice list lives as long as its latest notice, rounded up, plus the slack.
+    for key, lifetime in [(":n:phone", 1), (":n:nowhere", 1), (":n:ipad", 601)]:
+        assert lifetime + GC_SLACK - 1 <= await redis_client.ttl(f"{prefix}{{alice}}{key}") <= lifetime + GC_SLACK
+    assert 601 + GC_SLACK - 1 <= await redis_client.ttl(f"{prefix}{{bob}}:n:phone") <= 601 + GC_SLACK
+    assert 30 + GC_SLACK - 1 <= await redis_client.ttl(f"{prefix}push:{{call-1}}:phone") <= 30 + GC_SLACK
 
 
 async def test_each_operation_sends_one_batch_of_commands(
@@ -774,6 +1177,16 @@ async def test_each_operation_sends_one_batch_of_commands(
     assert await sent(lambda: redis_store.open_call(make_call(), 60)) == {"evalsha": 2}
     assert await sent(lambda: redis_store.unregister("alice", "phone", "conn-1")) == {"evalsha": 1}
     assert await sent(lambda: redis_store.forget_device("alice", "phone")) == {"evalsha": 1}
+    notices = [
+        ("phone", make_notice(clock, "k1")),
+        ("ipad", make_notice(clock, "k2")),
+        ("phone", make_notice(clock)),
+    ]
+    assert await sent(lambda: redis_store.add_notices("alice", notices)) == {"evalsha": 1}
+    assert await sent(lambda: redis_store.add_notices("alice", [])) == {}
+    assert await sent(lambda: redis_store.register(binding, device, MANY)) == {"evalsha": 1}  # takes them
+    assert await sent(lambda: redis_store.claim_push("call-1", "phone", 30)) == {"evalsha": 1}
+    assert await sent(lambda: redis_store.reject_token("alice", "phone", "ab" * 32, None)) == {"evalsha": 1}
 
     async def plain(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
         await redis_client.config_resetstat()

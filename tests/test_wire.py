@@ -184,6 +184,7 @@ INVALID: list[tuple[bytes | str, int, str, str | None]] = [
     (frame(type="response", seq=1, call_id="c", method="invite", code=99), 400, "invalid_field", "code"),
     (frame(type="response", seq=1, call_id="c", method="invite", code=200), 400, "missing_field", "sdp"),
     (frame(type="response", seq=1, call_id="c", method="invite"), 400, "missing_field", "code"),
+    (frame(type="response", seq=1, call_id="c", method="invite", code=202), 400, "missing_field", "sdp"),
 ]
 
 

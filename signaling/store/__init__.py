@@ -4,7 +4,7 @@
 Both pass the same contract suite in `tests/test_store_contract.py`.
 """
 
-from signaling.store.base import CallOpened, Presence, Store, StoreUnavailable
+from signaling.store.base import CallOpened, Presence, Registered, Store, StoreUnavailable
 from signaling.store.memory import MemoryStore
 
-__all__ = ["CallOpened", "MemoryStore", "Presence", "Store", "StoreUnavailable"]
+__all__ = ["CallOpened", "MemoryStore", "Presence", "Registered", "Store", "StoreUnavailable"]

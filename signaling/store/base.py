@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from signaling.errors import StoreUnavailable
-from signaling.models import Binding, CallRecord, Device
+from signaling.models import Binding, CallRecord, Device, Notice
 
-__all__ = ["CallOpened", "Presence", "Store", "StoreUnavailable"]
+__all__ = ["CallOpened", "Presence", "Registered", "Store", "StoreUnavailable"]
+
+
+MAX_NOTICES: Final = 50
+"""Notices kept per device; a device offline for long keeps the 50 most recent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,19 @@ class CallOpened:
     callee: Presence
 
 
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """Result of `Store.register`.
+
+    `replaced`: the binding this registration replaced, when it belonged to another connection and had not
+    expired. `notices`: the device's pending notices (not expired), oldest first; they are removed from the store
+    by this same call, so each is handed out once.
+    """
+
+    replaced: Binding | None
+    notices: tuple[Notice, ...] = ()
+
+
 class Store(Protocol):
     """Registrations, presence and call records.
 
@@ -49,13 +66,30 @@ class Store(Protocol):
         """True when the backend answers now (for `/readyz`)."""
         ...
 
-    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
-        """Atomically record `device` (with its push binding) and make `binding` its live registration.
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Registered:
+        """Atomically record `device` (with its push binding), make `binding` its live registration, and take
+        the device's pending notices.
 
-        Returns the binding this replaced when it belonged to another connection and had not expired, so the
-        caller can close that connection: a device is never bound twice. When the user would have more than
-        `max_devices` device records, the least recently registered other devices are forgotten.
+        `Registered.replaced` is the binding this replaced when it belonged to another connection and had not
+        expired, so the caller can close that connection: a device is never bound twice. When the user would have
+        more than `max_devices` device records, the least recently registered other devices are forgotten.
         """
+        ...
+
+    async def add_notices(self, user_id: str, notices: Sequence[tuple[str, Notice]]) -> None:
+        """Queue notices for devices of one user, as (device_id, notice) pairs; each expires at its own
+        `expires_at`. At most `MAX_NOTICES` are kept per device (the oldest are dropped)."""
+        ...
+
+    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
+        """True the first time (call, device) is claimed within `ttl`, False ever after: the guard that makes a
+        VoIP push for a call reach a device at most once, whichever process sends it."""
+        ...
+
+    async def reject_token(self, user_id: str, device_id: str, token: str, invalid_since: float | None) -> bool:
+        """Remove `token` from the device's push binding (VoIP or alert, whichever it is), unless the device
+        registered after `invalid_since` (APNs's 410 timestamp: a token registered later is kept). True if
+        removed."""
         ...
 
     async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:

@@ -1,18 +1,19 @@
 """The embedded store: plain dicts in one process.
 
 Good for a single-node deployment and for tests. Expiry follows the injected clock exactly as in `RedisStore`:
-a binding, call record or device record past its deadline is treated as absent on every read, and the
-leftovers are swept out at most once per `SWEEP_INTERVAL` of clock time, on the next write.
+a binding, call record, device record, notice or push claim past its deadline is treated as absent on every
+read, and the leftovers are swept out at most once per `SWEEP_INTERVAL` of clock time, on the next write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from signaling.clock import Clock
-from signaling.models import Binding, CallRecord, Device
-from signaling.store.base import CallOpened, Presence
+from signaling.models import Binding, CallRecord, Device, Notice
+from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered
 
 __all__ = ["DEFAULT_DEVICE_TTL", "SWEEP_INTERVAL", "MemoryStore", "check_register_args"]
 
@@ -32,8 +33,10 @@ class _StoredCall:
 class MemoryStore:
     """A `Store` kept in this process's memory; it never raises `StoreUnavailable`.
 
-    Device records expire `device_ttl` seconds after their `registered_at`, bindings at their `expires_at`,
-    call records `ttl` seconds after they were last written, all measured by `clock`.
+    Device records expire `device_ttl` seconds after their `registered_at`, bindings and notices at their
+    `expires_at`, call records and push claims `ttl` seconds after they were last written, all measured by
+    `clock`. A device's notices go with it when it is forgotten or evicted, but not when its record merely
+    expires: they have deadlines of their own (as in `RedisStore`, where this keeps both backends in step).
     """
 
     def __init__(self, clock: Clock, *, device_ttl: float = DEFAULT_DEVICE_TTL) -> None:
@@ -44,6 +47,9 @@ class MemoryStore:
         self._devices: dict[str, dict[str, Device]] = {}
         self._bindings: dict[tuple[str, str], Binding] = {}
         self._calls: dict[str, _StoredCall] = {}
+        # Per (user, device): oldest first by (`at`, insertion), at most MAX_NOTICES, none known to be expired.
+        self._notices: dict[tuple[str, str], list[Notice]] = {}
+        self._claims: dict[tuple[str, str], float] = {}  # (call_id, device_id) -> claim expiry
         self._next_sweep = clock.now() + SWEEP_INTERVAL
 
     async def start(self) -> None:
@@ -56,7 +62,7 @@ class MemoryStore:
         """Always True: the store is this process."""
         return True
 
-    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Registered:
         """See `Store.register`. Raises `ValueError` if binding and device disagree or `max_devices < 1`."""
         check_register_args(binding, device, max_devices)
         now = self._clock.now()
@@ -69,13 +75,14 @@ class MemoryStore:
         devices = self._devices.setdefault(device.user_id, {})
         devices[device.device_id] = device
         self._bindings[key] = binding
+        notices = tuple(n for n in self._notices.pop(key, ()) if n.expires_at > now)
 
         others: list[Device] = []
         for other in list(devices.values()):
             if other.device_id == device.device_id:
                 continue
             if self._device_expired(other, now):
-                self._forget(other.user_id, other.device_id)
+                self._forget(other.user_id, other.device_id, notices=False)
             else:
                 others.append(other)
         excess = len(others) + 1 - max_devices
@@ -83,7 +90,57 @@ class MemoryStore:
             others.sort(key=lambda d: (d.registered_at, d.device_id))
             for evicted in others[:excess]:
                 self._forget(evicted.user_id, evicted.device_id)
-        return replaced
+        return Registered(replaced=replaced, notices=notices)
+
+    async def add_notices(self, user_id: str, notices: Sequence[tuple[str, Notice]]) -> None:
+        """See `Store.add_notices`. Notices already expired are not kept."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        by_device: dict[str, list[Notice]] = {}
+        for device_id, notice in notices:
+            by_device.setdefault(device_id, []).append(notice)
+        for device_id, new in by_device.items():
+            key = (user_id, device_id)
+            kept = _merge_notices(self._notices.get(key, ()), new, now)
+            if kept:
+                self._notices[key] = kept
+            else:
+                self._notices.pop(key, None)
+
+    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
+        """See `Store.claim_push`. An expired claim counts as absent."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        key = (call_id, device_id)
+        held = self._claims.get(key)
+        if held is not None and held > now:
+            return False
+        self._claims[key] = now + ttl
+        return True
+
+    async def reject_token(self, user_id: str, device_id: str, token: str, invalid_since: float | None) -> bool:
+        """See `Store.reject_token`. A push binding left with no token becomes None; the record keeps its
+        `registered_at` (and so its expiry). An unknown or expired device has nothing to remove."""
+        now = self._clock.now()
+        self._maybe_sweep(now)
+        devices = self._devices.get(user_id, {})
+        device = devices.get(device_id)
+        if device is None or self._device_expired(device, now) or device.push is None:
+            return False
+        if invalid_since is not None and device.registered_at > invalid_since:
+            return False
+        push = device.push
+        voip = None if push.voip_token == token else push.voip_token
+        alert = None if push.alert_token == token else push.alert_token
+        if (voip, alert) == (push.voip_token, push.alert_token):
+            return False
+        new_push = (
+            None
+            if voip is None and alert is None
+            else dataclasses.replace(push, voip_token=voip, alert_token=alert)
+        )
+        devices[device_id] = dataclasses.replace(device, push=new_push)
+        return True
 
     async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:
         """See `Store.unregister`. An expired binding is dropped but does not count as removed."""
@@ -159,13 +216,15 @@ class MemoryStore:
     def _device_expired(self, device: Device, now: float) -> bool:
         return device.registered_at + self._device_ttl <= now
 
-    def _forget(self, user_id: str, device_id: str) -> None:
+    def _forget(self, user_id: str, device_id: str, *, notices: bool = True) -> None:
         devices = self._devices.get(user_id)
         if devices is not None:
             devices.pop(device_id, None)
             if not devices:
                 del self._devices[user_id]
         self._bindings.pop((user_id, device_id), None)
+        if notices:
+            self._notices.pop((user_id, device_id), None)
 
     def _maybe_sweep(self, now: float) -> None:
         # Reads filter by the clock, so sweeping is only about memory: amortised over writes, bounded by
@@ -177,6 +236,14 @@ class MemoryStore:
             del self._bindings[key]
         for call_id in [c for c, s in self._calls.items() if s.expires_at <= now]:
             del self._calls[call_id]
+        for claim in [k for k, expires_at in self._claims.items() if expires_at <= now]:
+            del self._claims[claim]
+        for key, pending in list(self._notices.items()):
+            live = [n for n in pending if n.expires_at > now]
+            if live:
+                self._notices[key] = live
+            else:
+                del self._notices[key]
         stale = [
             (d.user_id, d.device_id)
             for devices in self._devices.values()
@@ -184,7 +251,7 @@ class MemoryStore:
             if self._device_expired(d, now)
         ]
         for user_id, device_id in stale:
-            self._forget(user_id, device_id)
+            self._forget(user_id, device_id, notices=False)
 
 
 def check_register_args(binding: Binding, device: Device, max_devices: int) -> None:
@@ -193,3 +260,11 @@ def check_register_args(binding: Binding, device: Device, max_devices: int) -> N
         raise ValueError("binding and device name different (user_id, device_id) pairs")
     if max_devices < 1:
         raise ValueError("max_devices must be at least 1")
+
+
+def _merge_notices(pending: Iterable[Notice], new: Iterable[Notice], now: float) -> list[Notice]:
+    """A device's notices after adding `new` to `pending` at `now`: expired ones dropped, oldest first by
+    (`at`, insertion order), and only the newest `MAX_NOTICES` kept."""
+    # sorted() is stable, so notices with equal `at` stay in insertion order (pending before new).
+    live = sorted((n for n in (*pending, *new) if n.expires_at > now), key=lambda n: n.at)
+    return live[-MAX_NOTICES:]

@@ -4,10 +4,13 @@ Key layout (`P` is the prefix, `siplite:` by default; `<user>` and `<call>` are 
 
     P{<user>}:devs          hash   device_id -> JSON {"registered_at", "push"}      TTL: newest device + device_ttl
     P{<user>}:b:<device_id> string JSON {"conn_id", "node_id", "expires_at"}      TTL: expires_at
+    P{<user>}:n:<device_id> list   JSON notices, oldest first                      TTL: latest notice expires_at
     Pcall:{<call>}          string JSON call record + "expires_at"               TTL: now + ttl
+    Ppush:{<call>}:<device> string the claim's expiry (seconds, as text)         TTL: now + ttl
 
 The braces are Redis Cluster hash tags: every key of one user lives in one slot, so the Lua scripts that touch
-a user's devices and bindings together stay legal on a cluster, and a call record lives in a slot of its own.
+a user's devices, bindings and notices together stay legal on a cluster, and a call record (with the push
+claims of that call) lives in a slot of its own.
 
 Logical expiry is in the values and is checked against the injected clock on every read (and inside the
 scripts, with `now` passed as an argument). Redis TTLs only collect garbage: each is the logical lifetime
@@ -40,11 +43,13 @@ from signaling.models import (
     CallPhase,
     CallRecord,
     Device,
+    Notice,
+    NoticeKind,
     Platform,
     PushBinding,
     PushEnvironment,
 )
-from signaling.store.base import CallOpened, Presence
+from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered
 from signaling.store.memory import DEFAULT_DEVICE_TTL, check_register_args
 
 __all__ = ["DEFAULT_PREFIX", "GC_SLACK", "RedisStore"]
@@ -81,12 +86,13 @@ class _Script:
 _REGISTER = _Script(
     "register",
     """
--- KEYS: devices hash, this device's binding.
+-- KEYS: devices hash, this device's binding, this device's notices.
 -- ARGV: device_id, device_json, binding_json, conn_id, now, binding_ttl, max_devices, device_ttl,
---       binding key prefix, gc slack.
+--       binding key prefix, gc slack, notices key prefix.
+-- Returns {replaced binding or nil, the device's pending notices (taken: the list is deleted)}.
 local device_id, now = ARGV[1], tonumber(ARGV[5])
 local max_devices, device_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
-local prefix, slack = ARGV[9], tonumber(ARGV[10])
+local prefix, slack, notices_prefix = ARGV[9], tonumber(ARGV[10]), ARGV[11]
 
 local replaced = false
 local previous = redis.call('GET', KEYS[2])
@@ -127,7 +133,7 @@ if excess > 0 then
   table.sort(others, older)
   for i = 1, excess do
     redis.call('HDEL', KEYS[1], others[i][1])
-    redis.call('DEL', prefix .. others[i][1])
+    redis.call('DEL', prefix .. others[i][1], notices_prefix .. others[i][1])
   end
 else
   excess = 0
@@ -137,7 +143,11 @@ for i = excess + 1, #others do
 end
 local ttl = math.max(0, math.ceil(newest + device_ttl - now)) + slack
 redis.call('EXPIRE', KEYS[1], string.format('%d', ttl))
-return replaced
+
+-- Expired notices are filtered out by the caller, which has the same `now`.
+local notices = redis.call('LRANGE', KEYS[3], 0, -1)
+if #notices > 0 then redis.call('DEL', KEYS[3]) end
+return {replaced, notices}
 """,
 )
 
@@ -184,10 +194,91 @@ return {fields, bindings}
 _FORGET = _Script(
     "forget_device",
     """
--- KEYS: devices hash, binding. ARGV: device_id.
+-- KEYS: devices hash, binding, notices. ARGV: device_id.
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 0
+""",
+)
+
+# A device's notices are a list of JSON strings rather than a sorted set scored by `at`: a sorted set orders
+# equal scores by member bytes (not insertion order, which the contract asks for) and merges identical
+# notices. The list holds at most MAX_NOTICES short strings, so the script rewrites it whole on every add:
+# that one pass drops expired notices, sorts by (`at`, insertion) with an explicit tiebreak (Lua's sort is not
+# stable), caps the length and finds the latest expiry for the TTL. Stored strings are pushed back verbatim,
+# never re-encoded (cjson would round the timestamps to 14 digits); register then only has to LRANGE and DEL.
+_ADD_NOTICES = _Script(
+    "add_notices",
+    """
+-- KEYS: notice lists, one per device of one user. ARGV: now, max_notices, gc slack, then for each key in
+-- order a count n followed by n notice JSONs (in insertion order).
+local now, max_notices, slack = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function before(x, y)
+  if x[1] ~= y[1] then return x[1] < y[1] end
+  return x[2] < y[2]
+end
+local a = 4
+for k = 1, #KEYS do
+  local entries = {}
+  local function keep(raw)
+    local n = cjson.decode(raw)
+    if n.expires_at > now then entries[#entries + 1] = {n.at, #entries + 1, n.expires_at, raw} end
+  end
+  for _, raw in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do keep(raw) end
+  local count = tonumber(ARGV[a])
+  for i = a + 1, a + count do keep(ARGV[i]) end
+  a = a + count + 1
+  table.sort(entries, before)
+  redis.call('DEL', KEYS[k])
+  local values, latest = {}, now
+  for i = math.max(1, #entries - max_notices + 1), #entries do
+    values[#values + 1] = entries[i][4]
+    if entries[i][3] > latest then latest = entries[i][3] end
+  end
+  if #values > 0 then
+    redis.call('RPUSH', KEYS[k], unpack(values))
+    redis.call('EXPIRE', KEYS[k], string.format('%d', math.ceil(latest - now) + slack))
+  end
+end
+return 0
+""",
+)
+
+_CLAIM = _Script(
+    "claim",
+    """
+-- KEYS: claim. ARGV: now, expires_at, gc ttl. SET NX, except that a claim past its logical expiry (the value)
+-- counts as absent, so the claim's lifetime follows the injected clock rather than Redis's.
+local held = redis.call('GET', KEYS[1])
+if held and tonumber(held) > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+""",
+)
+
+_REJECT_TOKEN = _Script(
+    "reject_token",
+    """
+-- KEYS: devices hash. ARGV: device_id, token, invalid_since ('' for none), now, device_ttl.
+-- Clears `token` from the device's push binding; 1 if it was there. HSET leaves the hash's TTL alone.
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local d = cjson.decode(raw)
+if d.registered_at + tonumber(ARGV[5]) <= tonumber(ARGV[4]) then return 0 end
+if ARGV[3] ~= '' and d.registered_at > tonumber(ARGV[3]) then return 0 end
+local push = d.push
+if push == cjson.null then return 0 end
+local removed = false
+if push.voip_token == ARGV[2] then push.voip_token = cjson.null; removed = true end
+if push.alert_token == ARGV[2] then push.alert_token = cjson.null; removed = true end
+if not removed then return 0 end
+local encoded = 'null'
+if push.voip_token ~= cjson.null or push.alert_token ~= cjson.null then encoded = cjson.encode(push) end
+-- Splice the new push into the stored text instead of re-encoding the record: cjson would round
+-- registered_at to 14 significant digits. The record is {"registered_at":<number>,"push":<push>}.
+local at = string.find(raw, ',"push":', 1, true)
+redis.call('HSET', KEYS[1], ARGV[1], string.sub(raw, 1, at + 7) .. encoded .. '}')
+return 1
 """,
 )
 
@@ -202,7 +293,17 @@ return 1
 """,
 )
 
-_SCRIPTS: Final = (_REGISTER, _UNREGISTER, _REFRESH, _PRESENCE, _FORGET, _CREATE_CALL)
+_SCRIPTS: Final = (
+    _REGISTER,
+    _UNREGISTER,
+    _REFRESH,
+    _PRESENCE,
+    _FORGET,
+    _CREATE_CALL,
+    _ADD_NOTICES,
+    _CLAIM,
+    _REJECT_TOKEN,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +342,17 @@ class _Keys:
     def binding(self, user_id: str, device_id: str) -> str:
         return self.binding_prefix(user_id) + device_id
 
+    def notices_prefix(self, user_id: str) -> str:
+        return f"{self.prefix}{{{_tag(user_id)}}}:n:"
+
+    def notices(self, user_id: str, device_id: str) -> str:
+        return self.notices_prefix(user_id) + device_id
+
     def call(self, call_id: str) -> str:
         return f"{self.prefix}call:{{{_tag(call_id)}}}"
+
+    def push_claim(self, call_id: str, device_id: str) -> str:
+        return f"{self.prefix}push:{{{_tag(call_id)}}}:{device_id}"
 
 
 # --- values ------------------------------------------------------------------------------------------------------
@@ -262,6 +372,7 @@ def _gc_ttl(lifetime: float) -> int:
 
 
 def _encode_device(device: Device) -> str:
+    # The reject_token script relies on this exact shape: "registered_at" first, then "push", compact.
     push = device.push
     return _dumps(
         {
@@ -342,6 +453,35 @@ def _decode_call(raw: bytes | str) -> tuple[CallRecord, float]:
         answered_by=data["answered_by"],
     )
     return record, float(data["expires_at"])
+
+
+def _encode_notice(notice: Notice) -> str:
+    return _dumps(
+        {
+            "kind": notice.kind.value,
+            "call_id": notice.call_id,
+            "caller_id": notice.caller_id,
+            "caller_name": notice.caller_name,
+            "video": notice.video,
+            "at": notice.at,
+            "expires_at": notice.expires_at,
+            "reason": notice.reason,
+        }
+    )
+
+
+def _decode_notice(raw: bytes | str) -> Notice:
+    data = json.loads(raw)
+    return Notice(
+        kind=NoticeKind(data["kind"]),
+        call_id=data["call_id"],
+        caller_id=data["caller_id"],
+        caller_name=data["caller_name"],
+        video=bool(data["video"]),
+        at=float(data["at"]),
+        expires_at=float(data["expires_at"]),
+        reason=data["reason"],
+    )
 
 
 # --- URL hygiene -------------------------------------------------------------------------------------------------
@@ -427,16 +567,21 @@ class RedisStore:
         except Exception:
             return False
 
-    async def register(self, binding: Binding, device: Device, max_devices: int) -> Binding | None:
-        """See `Store.register`: one script. Raises `ValueError` if binding and device disagree."""
+    async def register(self, binding: Binding, device: Device, max_devices: int) -> Registered:
+        """See `Store.register`: one script, which also takes the device's notices. Raises `ValueError` if
+        binding and device disagree."""
         check_register_args(binding, device, max_devices)
         now = self._clock.now()
         user_id, device_id = device.user_id, device.device_id
-        (previous,) = await self._eval(
+        ((previous, raw_notices),) = await self._eval(
             "register",
             _Eval(
                 _REGISTER,
-                (self._keys.devices(user_id), self._keys.binding(user_id, device_id)),
+                (
+                    self._keys.devices(user_id),
+                    self._keys.binding(user_id, device_id),
+                    self._keys.notices(user_id, device_id),
+                ),
                 (
                     device_id,
                     _encode_device(device),
@@ -448,12 +593,64 @@ class RedisStore:
                     repr(float(self._device_ttl)),
                     self._keys.binding_prefix(user_id),
                     GC_SLACK,
+                    self._keys.notices_prefix(user_id),
                 ),
             ),
         )
-        if previous is None:
-            return None
-        return self._decode(lambda: _decode_binding(user_id, device_id, previous))
+
+        def decode() -> Registered:
+            replaced = None if previous is None else _decode_binding(user_id, device_id, previous)
+            notices = (_decode_notice(raw) for raw in raw_notices)
+            return Registered(replaced=replaced, notices=tuple(n for n in notices if n.expires_at > now))
+
+        return self._decode(decode)
+
+    async def add_notices(self, user_id: str, notices: Sequence[tuple[str, Notice]]) -> None:
+        """See `Store.add_notices`: one script for every device named. Notices already expired are not kept."""
+        if not notices:
+            return
+        by_device: dict[str, list[str]] = {}
+        for device_id, notice in notices:
+            by_device.setdefault(device_id, []).append(_encode_notice(notice))
+        args: list[_Arg] = [repr(self._clock.now()), MAX_NOTICES, GC_SLACK]
+        for encoded in by_device.values():
+            args += [len(encoded), *encoded]
+        await self._eval(
+            "add_notices",
+            _Eval(_ADD_NOTICES, tuple(self._keys.notices(user_id, d) for d in by_device), tuple(args)),
+        )
+
+    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
+        """See `Store.claim_push`: one script. The claim's expiry is in the value, measured by the clock."""
+        now = self._clock.now()
+        (claimed,) = await self._eval(
+            "claim_push",
+            _Eval(
+                _CLAIM,
+                (self._keys.push_claim(call_id, device_id),),
+                (repr(now), repr(float(now + ttl)), _gc_ttl(ttl)),
+            ),
+        )
+        return bool(claimed)
+
+    async def reject_token(self, user_id: str, device_id: str, token: str, invalid_since: float | None) -> bool:
+        """See `Store.reject_token`: one script. A push binding left with no token becomes None; the record
+        keeps its `registered_at` and its TTL. An unknown or expired device has nothing to remove."""
+        (removed,) = await self._eval(
+            "reject_token",
+            _Eval(
+                _REJECT_TOKEN,
+                (self._keys.devices(user_id),),
+                (
+                    device_id,
+                    token,
+                    "" if invalid_since is None else repr(float(invalid_since)),
+                    repr(self._clock.now()),
+                    repr(float(self._device_ttl)),
+                ),
+            ),
+        )
+        return bool(removed)
 
     async def unregister(self, user_id: str, device_id: str, conn_id: str) -> bool:
         """See `Store.unregister`: one compare-and-delete script."""
@@ -496,7 +693,11 @@ class RedisStore:
             "forget_device",
             _Eval(
                 _FORGET,
-                (self._keys.devices(user_id), self._keys.binding(user_id, device_id)),
+                (
+                    self._keys.devices(user_id),
+                    self._keys.binding(user_id, device_id),
+                    self._keys.notices(user_id, device_id),
+                ),
                 (device_id,),
             ),
         )
