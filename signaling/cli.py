@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from push.base import PushConfigError
 from signaling import config, log
 from signaling.auth import issue_token
 from signaling.clock import SystemClock
@@ -111,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         print(f"signaling: {exc}", file=sys.stderr)
         return 3
+    except PushConfigError as exc:
+        setting = f"SIPLITE_APNS_{exc.setting.upper()}: " if exc.setting else ""
+        print(f"signaling: push configuration error: {setting}{exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"signaling: cannot start: {exc}", file=sys.stderr)
         return 3

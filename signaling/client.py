@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections import deque
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -82,6 +83,8 @@ class Client:
         self.user: str | None = None
         self.device_id: str | None = None
         self.default_timeout = 5.0
+        # The last frames received, every kind, in arrival order: for debugging and for checking order.
+        self.history: deque[Frame] = deque(maxlen=256)
 
     @classmethod
     async def connect(
@@ -133,6 +136,7 @@ class Client:
                 if msg.type is aiohttp.WSMsgType.BINARY or msg.type is aiohttp.WSMsgType.TEXT:
                     frame = wire.loads(msg.data)
                     if isinstance(frame, dict):
+                        self.history.append(frame)
                         self._dispatch(frame)
         finally:
             if not self._closed.done():

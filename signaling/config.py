@@ -67,11 +67,32 @@ class Settings:
     rate_burst: int = 100
     # Consecutive rejected frames after which the connection is closed (1008).
     max_consecutive_errors: int = 10
+    # APNs: token auth (.p8 key file, key id, team id) or certificate auth (one PEM with certificate and key).
+    # With neither, pushes go to the development recorder (logged, never sent).
+    apns_key_file: str | None = None
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_cert_file: str | None = None
+    # APNs endpoints (Apple's by default), for staging or a local stand-in, and a CA file to trust for them.
+    apns_production_host: str = "api.push.apple.com"
+    apns_sandbox_host: str = "api.sandbox.push.apple.com"
+    apns_port: int = 443
+    apns_ca_file: str | None = None
+    # Seconds one push attempt may take before it counts as failed (the ring deadline bounds it too).
+    push_timeout: float = 5.0
+    # Seconds between HTTP/2 PINGs that keep an idle APNs connection open (0 disables).
+    apns_keepalive: float = 5.0
+    # Pushes in flight at once; beyond it a push fails at once as "overloaded".
+    push_max_in_flight: int = 1000
     # Seconds to wait for open sockets to close on shutdown.
     shutdown_timeout: float = 5.0
     node_id: str = field(default_factory=_default_node_id)
     log_level: str = "info"
     log_format: str = "auto"
+
+    @property
+    def uses_apns(self) -> bool:
+        return self.apns_key_file is not None or self.apns_cert_file is not None
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -107,6 +128,8 @@ class Settings:
             "rate_limit",
             "rate_burst",
             "max_consecutive_errors",
+            "push_timeout",
+            "push_max_in_flight",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -19,11 +19,14 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from pathlib import Path
 from typing import Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from push.apns import ApnsConfig, ApnsProvider
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushProvider
+from push.dev import DevelopmentProvider
 from signaling import call as core
 from signaling import log, wire
 from signaling.auth import Identity, TokenVerifier
@@ -107,6 +110,8 @@ class Connection:
         self.timers: list[TimerHandle] = []
         self.closing = False
         self.cleaned = False
+        # Set once the server has ended what the connection took part in and dropped its binding.
+        self.finished = asyncio.Event()
 
     @property
     def user_id(self) -> str | None:
@@ -286,6 +291,7 @@ class Switchboard:
                 except StoreUnavailable as exc:
                     logger.warning("presence.unregister_failed", user_id=key[0], device_id=key[1], error=str(exc))
         logger.debug("conn.closed", conn_id=conn.conn_id, user_id=conn.user_id)
+        conn.finished.set()
 
     # ------------------------------------------------------------------------------------------ frames
 
@@ -585,7 +591,22 @@ class Switchboard:
 
     async def _apply(self, handle: CallHandle, effects: list[core.Effect]) -> None:
         call_id = handle.call.call_id
+        if any(isinstance(effect, core.CallFinished) for effect in effects):
+            # Off this node's books before anything is awaited: a device that registers from here on finds no
+            # call to join and is handed its notices instead (`_record_notices`).
+            self._forget(handle)
         notices: list[tuple[str, Notice]] = []
+        for effect in effects:
+            if isinstance(effect, core.RecordEnded):
+                notices.append((effect.device_id, self._notice(handle, NoticeKind.ENDED, effect.reason.value)))
+            elif isinstance(effect, core.RecordMissed):
+                notices.append((effect.device_id, self._notice(handle, NoticeKind.MISSED, None)))
+                if self.settings.missed_call_alerts:
+                    self._alert_missed(handle, effect.device_id)
+        if notices:
+            # Written before the parties hear that the call ended, so that once the caller has its final
+            # response, a device that wakes is surely told.
+            await self._record_notices(handle, notices)
         for effect in effects:
             if isinstance(effect, core.SendToCaller):
                 await handle.caller.send(effect.frame)
@@ -607,12 +628,6 @@ class Switchboard:
             elif isinstance(effect, core.SendVoipPush):
                 self.waking.setdefault((handle.call.callee_user, effect.device_id), set()).add(call_id)
                 self.spawn(self._send_voip_push(handle, effect.device_id))
-            elif isinstance(effect, core.RecordEnded):
-                notices.append((effect.device_id, self._notice(handle, NoticeKind.ENDED, effect.reason.value)))
-            elif isinstance(effect, core.RecordMissed):
-                notices.append((effect.device_id, self._notice(handle, NoticeKind.MISSED, None)))
-                if self.settings.missed_call_alerts:
-                    self._alert_missed(handle, effect.device_id)
             elif isinstance(effect, core.CallAnswered):
                 for device_id, leg in handle.legs.items():
                     if device_id != effect.device_id:
@@ -620,7 +635,6 @@ class Switchboard:
                 handle.record = replace(handle.record, phase=CallPhase.ANSWERED, answered_by=effect.device_id)
                 await self._store_quietly(self.store.update_call(handle.record, _ANSWERED_RECORD_TTL))
             elif isinstance(effect, core.CallFinished):
-                self._forget(handle)
                 logger.info(
                     "call.ended",
                     call_id=call_id,
@@ -629,8 +643,23 @@ class Switchboard:
                     duration_ms=round((self.clock.now() - handle.call.created_at) * 1000),
                 )
                 await self._store_quietly(self.store.close_call(call_id))
-        if notices:
-            await self._store_quietly(self.store.add_notices(handle.call.callee_user, notices))
+
+    async def _record_notices(self, handle: CallHandle, notices: list[tuple[str, Notice]]) -> None:
+        """Queue "ended" and "missed" notices for the callee's devices, then hand them at once to any of those
+        devices that registered on this node while they were being written (it found none in the store). The
+        store gives each notice out once, so a device never hears of a call twice."""
+        user_id = handle.call.callee_user
+        try:
+            await self.store.add_notices(user_id, notices)
+            for device_id in dict.fromkeys(device_id for device_id, _ in notices):
+                conn = self.bound.get((user_id, device_id))
+                # The connection the call was offered on (a stale socket being woken) is not the woken app.
+                if conn is None or conn is handle.legs.get(device_id):
+                    continue
+                for notice in await self.store.take_notices(user_id, device_id):
+                    await conn.send(_notice_frame(notice))
+        except StoreUnavailable as exc:
+            logger.warning("store.write_failed", call_id=handle.call.call_id, error=str(exc))
 
     def _notice(self, handle: CallHandle, kind: NoticeKind, reason: str | None) -> Notice:
         now = self.clock.now()
@@ -834,11 +863,25 @@ def build_store(settings: Settings, clock: Clock) -> Store:
     return RedisStore(settings.redis_url, clock, prefix=settings.redis_prefix, device_ttl=settings.device_ttl)
 
 
-def build_push(settings: Settings) -> PushProvider:
+def build_push(settings: Settings, clock: Clock) -> PushProvider:
     """The push provider the settings ask for: APNs with credentials, else the development recorder."""
-    from push.dev import DevelopmentProvider
-
-    return DevelopmentProvider()
+    if not settings.uses_apns:
+        return DevelopmentProvider()
+    config = ApnsConfig(
+        key_file=Path(settings.apns_key_file) if settings.apns_key_file else None,
+        key_id=settings.apns_key_id,
+        team_id=settings.apns_team_id,
+        cert_file=Path(settings.apns_cert_file) if settings.apns_cert_file else None,
+        production_host=settings.apns_production_host,
+        production_port=settings.apns_port,
+        sandbox_host=settings.apns_sandbox_host,
+        sandbox_port=settings.apns_port,
+        ca_file=Path(settings.apns_ca_file) if settings.apns_ca_file else None,
+        request_timeout=settings.push_timeout,
+        keepalive_interval=settings.apns_keepalive or None,
+        max_in_flight=settings.push_max_in_flight,
+    )
+    return ApnsProvider(config, clock=clock.now)
 
 
 def create_app(
@@ -864,7 +907,7 @@ def create_app(
     app = web.Application()
     app[SETTINGS] = settings
     app[STORE] = store
-    push = push or build_push(settings)
+    push = push or build_push(settings, clock)
     board = Switchboard(settings, store, clock, verifier, push)
     app[SWITCHBOARD] = board
 

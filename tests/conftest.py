@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import pytest
 import redis
 
+from push.apns import ApnsConfig, ApnsProvider
 from signaling.clock import ManualClock
 from signaling.store import MemoryStore, Store
 from signaling.store.redis import RedisStore
+from tests.apns_server import ApnsPki, ApnsServer, make_pki
 from tests.harness import Harness, make_settings, running
 from tests.redis_server import RedisServer
 
@@ -59,10 +62,6 @@ async def sip(request: pytest.FixtureRequest, manual_clock: ManualClock) -> Asyn
 
 # --- APNs ----------------------------------------------------------------------------------------------------
 
-# Imported here, not at the top, so this section stays an append-only block.
-from push.apns import ApnsConfig, ApnsProvider  # noqa: E402
-from tests.apns_server import ApnsPki, ApnsServer, make_pki  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def apns_pki(tmp_path_factory: pytest.TempPathFactory) -> ApnsPki:
@@ -92,3 +91,29 @@ async def apns_provider(apns_config: ApnsConfig) -> AsyncIterator[ApnsProvider]:
     await provider.start()
     yield provider
     await provider.close()
+
+
+# --- a running server that wakes devices through the local APNs ----------------------------------------------
+
+
+@dataclass
+class Wake:
+    """A server whose pushes go through the real aioapns client to the local APNs stand-in."""
+
+    sip: Harness
+    apns: ApnsServer
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def wake(
+    request: pytest.FixtureRequest, manual_clock: ManualClock, apns_server: ApnsServer
+) -> AsyncIterator[Wake]:
+    settings = make_settings()
+    store: Store = (
+        RedisStore(request.getfixturevalue("redis_url"), manual_clock)
+        if request.param == "redis"
+        else MemoryStore(manual_clock)
+    )
+    provider = ApnsProvider(apns_server.config(request_timeout=1.0), clock=manual_clock.now)
+    async with running(settings, store, manual_clock, provider) as harness:
+        yield Wake(harness, apns_server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from push.base import PushProvider
 from signaling.auth import issue_token
 from signaling.client import Client
 from signaling.clock import ManualClock
@@ -64,10 +66,25 @@ class Harness:
         await client.register(self.token(user, name=name), device_id or f"{user}-phone", push=push)
         return client
 
+    async def asleep(self, user: str, device_id: str, voip_token: str, **push: Any) -> dict[str, Any]:
+        """Register a device with a VoIP token, then close it cleanly, as iOS does to an app it suspends.
+        Returns the push binding it registered (for registering again when woken)."""
+        binding = {**PUSH, "voip_token": voip_token, **push}
+        client = await self.device(user, device_id, push=binding)
+        server_side = self.board.bound[(user, device_id)]
+        await client.close()
+        self.clients.remove(client)
+        # The server handles the close on its own schedule; wait until it has dropped the binding.
+        async with asyncio.timeout(5):
+            await server_side.finished.wait()
+        return binding
+
 
 @asynccontextmanager
-async def running(settings: Settings, store: Store | None, clock: ManualClock) -> AsyncIterator[Harness]:
-    app = create_app(settings, store=store, clock=clock)
+async def running(
+    settings: Settings, store: Store | None, clock: ManualClock, push: PushProvider | None = None
+) -> AsyncIterator[Harness]:
+    app = create_app(settings, store=store, clock=clock, push=push)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     harness = Harness(str(server.make_url("/ws")), clock, settings, app)

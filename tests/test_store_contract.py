@@ -499,6 +499,21 @@ async def test_notices_are_taken_once(store: Store, manual_clock: ManualClock) -
     assert await take_notices(store, manual_clock) == ()
 
 
+async def test_take_notices_hands_each_notice_out_once_between_it_and_register(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    first, second = make_notice(manual_clock, "first"), make_notice(manual_clock, "second", ttl=1)
+    await store.add_notices("alice", [("phone", first), ("phone", second), ("ipad", first)])
+    manual_clock.advance(2)  # `second` has expired
+
+    assert await store.take_notices("alice", "phone") == (first,)
+    assert await store.take_notices("alice", "phone") == ()
+    assert await take_notices(store, manual_clock) == ()  # register finds nothing left
+    assert await take_notices(store, manual_clock, device_id="ipad") == (first,)
+    assert await store.take_notices("alice", "ipad") == ()
+    assert await store.take_notices("nobody", "phone") == ()
+
+
 async def test_notices_come_oldest_first_by_time_then_insertion(store: Store, manual_clock: ManualClock) -> None:
     t = manual_clock.now()
     first_batch = [make_notice(manual_clock, "c", at=t - 5), make_notice(manual_clock, "a", at=t - 10)]

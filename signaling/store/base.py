@@ -81,6 +81,12 @@ class Store(Protocol):
         `expires_at`. At most `MAX_NOTICES` are kept per device (the oldest are dropped)."""
         ...
 
+    async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
+        """Take the device's pending notices (not expired), oldest first, removing them: each notice is handed
+        out once, by this or by `register`, whichever runs first. For a device that registered while its
+        notices were being written."""
+        ...
+
     async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
         """True the first time (call, device) is claimed within `ttl`, False ever after: the guard that makes a
         VoIP push for a call reach a device at most once, whichever process sends it."""

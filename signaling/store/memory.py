@@ -107,6 +107,11 @@ class MemoryStore:
             else:
                 self._notices.pop(key, None)
 
+    async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
+        """See `Store.take_notices`."""
+        now = self._clock.now()
+        return tuple(n for n in self._notices.pop((user_id, device_id), ()) if n.expires_at > now)
+
     async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
         """See `Store.claim_push`. An expired claim counts as absent."""
         now = self._clock.now()

@@ -244,6 +244,16 @@ return 0
 """,
 )
 
+_TAKE_NOTICES = _Script(
+    "take_notices",
+    """
+-- KEYS: a device's notices. Returns the list and deletes it (expired ones are filtered by the caller).
+local notices = redis.call('LRANGE', KEYS[1], 0, -1)
+if #notices > 0 then redis.call('DEL', KEYS[1]) end
+return notices
+""",
+)
+
 _CLAIM = _Script(
     "claim",
     """
@@ -301,6 +311,7 @@ _SCRIPTS: Final = (
     _FORGET,
     _CREATE_CALL,
     _ADD_NOTICES,
+    _TAKE_NOTICES,
     _CLAIM,
     _REJECT_TOKEN,
 )
@@ -619,6 +630,14 @@ class RedisStore:
             "add_notices",
             _Eval(_ADD_NOTICES, tuple(self._keys.notices(user_id, d) for d in by_device), tuple(args)),
         )
+
+    async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
+        """See `Store.take_notices`: one script (LRANGE and DEL)."""
+        now = self._clock.now()
+        (raw_notices,) = await self._eval(
+            "take_notices", _Eval(_TAKE_NOTICES, (self._keys.notices(user_id, device_id),), ())
+        )
+        return self._decode(lambda: tuple(n for n in map(_decode_notice, raw_notices) if n.expires_at > now))
 
     async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
         """See `Store.claim_push`: one script. The claim's expiry is in the value, measured by the clock."""

@@ -1,0 +1,421 @@
+"""Push wake-up end to end: a real server socket, real clients, the real aioapns client talking HTTP/2 over TLS to
+the local APNs stand-in, over both store backends. Each test is one story a calling app's user would live."""
+
+from __future__ import annotations
+
+import pytest
+
+from signaling.client import CallFailed, Client, OutgoingCall
+from tests.apns_server import Answer
+from tests.conftest import Wake
+from tests.harness import ANSWER, OFFER, Harness
+
+PHONE = "0a" * 32
+TABLET = "0b" * 32
+CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
+
+
+def _binding(token: str) -> dict[str, object]:
+    return {"platform": "ios", "bundle_id": "com.example.app", "environment": "sandbox", "voip_token": token}
+
+
+async def woken(sip: Harness, user: str, device_id: str, binding: dict[str, object]) -> Client:
+    """The app woke from its push: it connects and registers again, with the binding it had."""
+    return await sip.device(user, device_id, push=binding)
+
+
+async def settled(client: Client) -> list[dict[str, object]]:
+    """Every frame the server sent this client so far, other than responses to its own requests: a keepalive
+    round trip first, so anything the server sent before answering it has arrived."""
+    await client.keepalive()
+    return [f for f in client.pending_events() if f["type"] != "response"]
+
+
+async def pushed(wake: Wake, call: OutgoingCall) -> dict[str, object]:
+    """The caller's 183 "push sent" progress (after its 100 Trying)."""
+    progress = await call.next_response()
+    assert (progress["code"], progress.get("stage")) == (183, "push_sent"), progress
+    return progress
+
+
+# ---------------------------------------------------------------------------------------------- the story
+
+
+async def test_sleeping_callee_is_woken_by_a_voip_push_and_answers(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice", name="Alice A.")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+
+    call = await alice.invite("bob", OFFER, video=True)
+    progress = await pushed(wake, call)
+    assert progress["at"] == sip.clock.now()
+
+    # APNs got one VoIP push that CallKit can act on at once, expiring at the ring deadline.
+    [request] = wake.apns.requests_for(PHONE)
+    deadline = sip.clock.now() + sip.settings.ring_timeout
+    assert request.headers["apns-push-type"] == "voip"
+    assert request.headers["apns-topic"] == "com.example.app.voip"
+    assert request.headers["apns-priority"] == "10"
+    assert request.headers["apns-expiration"] == str(int(deadline))
+    assert request.payload["siplite"] == {
+        "v": 1,
+        "type": "incoming_call",
+        "call_id": call.call_id,
+        "caller_id": "alice",
+        "caller_name": "Alice A.",
+        "video": True,
+        "sent_at": sip.clock.now(),
+        "deadline": deadline,
+    }
+
+    # The caller trickles a candidate while the phone is still waking: it is held for the phone.
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+
+    sip.clock.advance(1.5)
+    bob = await woken(sip, "bob", "bob-phone", binding)
+    incoming = await bob.incoming()
+    assert (incoming.call_id, incoming.caller, incoming.sdp, incoming.video) == (
+        call.call_id,
+        "alice",
+        OFFER,
+        True,
+    )
+    ice = await bob.next_event("ice")
+    assert (ice["call_id"], ice["candidate"], ice["mid"], ice["mline_index"]) == (call.call_id, CANDIDATE, "0", 0)
+    # The held INVITE came right after the REGISTER response, and the candidate right after it.
+    kinds = [(f["type"], f.get("method")) for f in bob.history]
+    assert kinds[:3] == [("response", "register"), ("invite", None), ("ice", None)]
+
+    connected = await call.next_response()
+    assert (connected["code"], connected["stage"], connected["at"]) == (183, "callee_connected", sip.clock.now())
+
+    await incoming.ring()
+    ringing = await call.next_response()
+    assert (ringing["code"], ringing.get("stage")) == (180, "ringing")
+    await incoming.answer(ANSWER)
+    answer = await call.answered()
+    assert (answer["sdp"], answer.get("stage")) == (ANSWER, "answered")
+    await call.ack()
+    await bob.next_event("ack")
+    assert (await call.hangup())["code"] == 200
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+
+    # One push for the whole call, and nothing left behind.
+    assert len(wake.apns.requests_for(PHONE)) == 1
+    assert not sip.board.calls and not sip.board.waking
+
+
+async def test_online_devices_ring_while_a_sleeping_one_is_woken_and_joins(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    tablet = await sip.device("bob", "bob-tablet")
+
+    call = await alice.invite("bob", OFFER)
+    on_tablet = await tablet.incoming()
+    await on_tablet.ring()
+    responses = [await call.next_response(), await call.next_response()]
+    assert sorted((r["code"], r.get("stage")) for r in responses) == [(180, "ringing"), (183, "push_sent")]
+
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    on_phone = await phone.incoming()
+    assert on_phone.call_id == call.call_id
+    assert (await call.next_response())["stage"] == "callee_connected"
+
+    # The woken phone answers; the tablet that rang first is told the call was answered elsewhere.
+    await on_phone.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    assert (await tablet.next_event("cancel"))["reason"] == "answered_elsewhere"
+    assert len(wake.apns.requests_for(PHONE)) == 1
+
+
+async def test_callee_with_neither_a_live_device_nor_a_push_token_gets_480_at_once(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")  # registered without any push binding
+    await bob.close()
+    carol = await sip.device("carol", push={**_binding(PHONE), "voip_token": None, "alert_token": TABLET})
+    await carol.close()  # an alert token only: nothing can wake it for a call
+
+    for user in ("bob", "carol"):
+        with pytest.raises(CallFailed) as failed:
+            await (await alice.invite(user, OFFER)).answered()
+        assert failed.value.code == 480
+    assert wake.apns.requests == []
+
+
+# ------------------------------------------------------------------------------------------- ending while waking
+
+
+async def test_caller_cancelling_while_the_phone_wakes_tells_the_phone_and_never_rings_it(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice", name="Alice A.")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+    assert (await call.cancel())["code"] == 200
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 487
+
+    sip.clock.advance(3)
+    bob = await woken(sip, "bob", "bob-phone", binding)
+    frames = await settled(bob)
+    ended = frames[0]
+    assert {k: ended[k] for k in ("type", "call_id", "reason", "from", "from_name", "video")} == {
+        "type": "ended",
+        "call_id": call.call_id,
+        "reason": "remote_ended",
+        "from": "alice",
+        "from_name": "Alice A.",
+        "video": False,
+    }
+    # The app also gets the missed call for its history; it is never offered the dead call.
+    assert [f["type"] for f in frames] == ["ended", "missed"]
+    assert bob.history[0]["type"] == "response"  # the REGISTER response came first
+    assert len(wake.apns.requests_for(PHONE)) == 1
+
+
+async def test_answer_elsewhere_while_the_phone_wakes_ends_the_phone_with_answered_elsewhere(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    await (await tablet.incoming()).answer(ANSWER)
+    await call.answered()
+    await call.ack()
+
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    frames = await settled(phone)
+    assert [(f["type"], f.get("reason")) for f in frames] == [("ended", "answered_elsewhere")]
+
+
+async def test_decline_elsewhere_while_the_phone_wakes_ends_the_phone_with_declined_elsewhere(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    await (await tablet.incoming()).reject(603)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 603
+
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    frames = await settled(phone)
+    assert [(f["type"], f.get("reason")) for f in frames] == [("ended", "declined_elsewhere")]
+
+
+async def test_no_answer_by_the_deadline_gives_408_and_the_late_phone_hears_unanswered(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+
+    sip.clock.advance(sip.settings.ring_timeout)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 408
+
+    # The push may reach the phone at the last moment: it still learns the call ended, once.
+    sip.clock.advance(30)
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    frames = await settled(phone)
+    assert [(f["type"], f.get("reason")) for f in frames] == [("ended", "unanswered"), ("missed", None)]
+    await phone.close()
+
+    again = await woken(sip, "bob", "bob-phone", binding)
+    assert await settled(again) == []
+
+
+async def test_a_missed_call_reaches_every_device_on_its_next_registration(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice", name="Alice A.")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    laptop = await sip.device("bob", "bob-laptop")  # no push binding at all
+    await laptop.close()
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+    await call.cancel()
+
+    sip.clock.advance(3600)  # long after the "ended" notice stopped mattering
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    laptop = await sip.device("bob", "bob-laptop")
+    for device in (phone, laptop):
+        frames = await settled(device)
+        assert [(f["type"], f["call_id"], f["from"], f.get("from_name")) for f in frames] == [
+            ("missed", call.call_id, "alice", "Alice A.")
+        ]
+
+
+# ---------------------------------------------------------------------------------------------- guardrails
+
+
+async def test_an_online_device_that_never_acknowledges_is_pushed_once_after_the_grace(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = _binding(PHONE)
+    stale = await sip.device("bob", "bob-phone", push=binding)  # its socket looks alive, its app is frozen
+
+    call = await alice.invite("bob", OFFER)
+    await stale.incoming()  # delivered to the socket, never answered
+    sip.clock.advance(sip.settings.ack_grace - 0.1)
+    assert wake.apns.requests_for(PHONE) == []
+    sip.clock.advance(0.1)
+    await pushed(wake, call)
+    sip.clock.advance(sip.settings.ack_grace * 5)
+    assert len(wake.apns.requests_for(PHONE)) == 1
+
+    # The woken app opens a fresh socket: the stale one is replaced and the call moves to the new one.
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    incoming = await phone.incoming()
+    assert incoming.call_id == call.call_id
+    assert (await stale.wait_closed()).code == 4409
+    assert (await call.next_response())["stage"] == "callee_connected"
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    assert len(wake.apns.requests_for(PHONE)) == 1
+
+
+async def test_a_device_that_acknowledges_in_time_is_never_pushed(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone", push=_binding(PHONE))
+    call = await alice.invite("bob", OFFER)
+    await (await phone.incoming()).ring()
+    assert (await call.next_response())["code"] == 180
+    sip.clock.advance(sip.settings.ring_timeout - 1)
+    await phone.keepalive()
+    assert wake.apns.requests == []
+
+
+async def test_a_woken_device_registering_twice_is_offered_the_call_once(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    binding = await sip.asleep("bob", "bob-phone", PHONE)
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+
+    phone = await woken(sip, "bob", "bob-phone", binding)
+    await phone.incoming()
+    await phone.register(sip.token("bob"), "bob-phone", push=binding)  # a token refresh on the same socket
+    assert await settled(phone) == []
+    assert [r.get("stage") for r in call.responses[1:]] + [(await call.next_response())["stage"]] == [
+        "push_sent",
+        "callee_connected",
+    ]
+
+
+async def test_a_second_call_pushes_again_but_each_call_only_once(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    carol = await sip.device("carol")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    first = await alice.invite("bob", OFFER)
+    second = await carol.invite("bob", OFFER)
+    await pushed(wake, first)
+    await pushed(wake, second)
+    ids = sorted(r.payload["siplite"]["call_id"] for r in wake.apns.requests_for(PHONE))
+    assert ids == sorted([first.call_id, second.call_id])
+
+
+# ---------------------------------------------------------------------------------------------- APNs answers
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(400, "BadDeviceToken"),
+        Answer(400, "DeviceTokenNotForTopic"),
+        # APNs learnt the token was dead after the device registered it (the test clock starts at 1.8e9 s).
+        Answer(410, "Unregistered", timestamp_ms=1_800_000_100_000),
+    ],
+    ids=["BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"],
+)
+async def test_a_rejected_token_is_removed_and_the_caller_gets_480(wake: Wake, answer: Answer) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    wake.apns.script(PHONE, answer)
+    with pytest.raises(CallFailed) as failed:
+        await (await alice.invite("bob", OFFER)).answered()
+    assert failed.value.code == 480
+
+    [device] = (await sip.board.store.presence("bob")).devices
+    assert device.push is None or device.push.voip_token is None
+    with pytest.raises(CallFailed) as again:
+        await (await alice.invite("bob", OFFER)).answered()
+    assert again.value.code == 480
+    assert len(wake.apns.requests_for(PHONE)) == 1  # the dead token is never tried again
+
+
+async def test_unregistered_before_the_token_was_registered_again_keeps_it(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    # APNs says the token went invalid an hour ago; the app registered it again just now, so it is fresh.
+    invalid_since_ms = int((sip.clock.now() - 3600) * 1000)
+    await sip.asleep("bob", "bob-phone", PHONE)
+    wake.apns.script(PHONE, Answer(410, "Unregistered", timestamp_ms=invalid_since_ms), Answer(200))
+    with pytest.raises(CallFailed):
+        await (await alice.invite("bob", OFFER)).answered()
+    [device] = (await sip.board.store.presence("bob")).devices
+    assert device.push is not None and device.push.voip_token == PHONE
+
+    await pushed(wake, await alice.invite("bob", OFFER))
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_a_temporary_apns_error_is_retried_and_delivers_one_push(wake: Wake, status: int) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    wake.apns.script(
+        PHONE, Answer(status, "TooManyRequests" if status == 429 else "InternalServerError"), Answer()
+    )
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+    answers = [r.answer.status for r in wake.apns.requests_for(PHONE)]
+    assert answers == [status, 200]
+
+
+async def test_apns_not_answering_fails_the_call_with_480_within_the_push_timeout(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    wake.apns.script(PHONE, Answer(hang=True))
+    call = await alice.invite("bob", OFFER)
+    with pytest.raises(CallFailed) as failed:
+        await call.answered(timeout=5)
+    assert failed.value.code == 480
+    # A push that may have been delivered is never sent a second time.
+    assert len(wake.apns.requests_for(PHONE)) == 1
+    # The phone's token was not APNs's fault: it is kept.
+    [device] = (await sip.board.store.presence("bob")).devices
+    assert device.push is not None and device.push.voip_token == PHONE
+
+
+async def test_apns_unreachable_fails_the_call_with_480(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    await wake.apns.close()  # nothing listens on its port any more
+    with pytest.raises(CallFailed) as failed:
+        await (await alice.invite("bob", OFFER)).answered(timeout=5)
+    assert failed.value.code == 480
+
+
+async def test_a_failed_push_to_one_device_does_not_end_a_call_ringing_elsewhere(wake: Wake) -> None:
+    sip = wake.sip
+    alice = await sip.device("alice")
+    await sip.asleep("bob", "bob-phone", PHONE)
+    binding = await sip.asleep("bob", "bob-tablet", TABLET)
+    wake.apns.script(PHONE, Answer(400, "BadDeviceToken"))
+    call = await alice.invite("bob", OFFER)
+    await pushed(wake, call)
+    await wake.apns.wait_until(lambda: len(wake.apns.requests) == 2)
+
+    tablet = await woken(sip, "bob", "bob-tablet", binding)
+    await (await tablet.incoming()).answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
