@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from push.apns import ApnsConfig, ApnsProvider, classify
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushConfigError
-from push.payload import MAX_PAYLOAD_BYTES, incoming_call_payload
+from push.payload import MAX_PAYLOAD_BYTES, call_uuid, incoming_call_payload
 from signaling.models import PushEnvironment
 from tests.apns_server import Answer, ApnsPki, ApnsServer
 
@@ -93,6 +94,7 @@ async def test_incoming_call_headers_and_payload(server: ApnsServer, apns_provid
             "v": 1,
             "type": "incoming_call",
             "call_id": "call-1",
+            "call_uuid": call_uuid("call-1"),
             "caller_id": "alice",
             "caller_name": "Alice Example",
             "video": True,
@@ -100,6 +102,13 @@ async def test_incoming_call_headers_and_payload(server: ApnsServer, apns_provid
             "deadline": push.deadline,
         },
     }
+
+
+def test_call_uuid_is_the_call_id_when_it_is_a_uuid_else_stable_per_call_id() -> None:
+    assert call_uuid("6F9619FF-8B86-D011-B42D-00C04FC964FF") == "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+    derived = call_uuid("call-1")
+    assert UUID(derived).version == 5
+    assert derived == call_uuid("call-1") != call_uuid("call-2")
 
 
 async def test_caller_name_omitted_when_unknown_and_apns_id_fresh_per_push(

@@ -3,12 +3,18 @@ the local APNs stand-in, over both store backends. Each test is one story a call
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 import pytest
 
 from signaling.client import CallFailed, Client, OutgoingCall
+from signaling.clock import ManualClock
+from signaling.models import Notice
+from signaling.store import MemoryStore
 from tests.apns_server import Answer
 from tests.conftest import Wake
-from tests.harness import ANSWER, OFFER, Harness
+from tests.harness import ANSWER, OFFER, Harness, make_settings, running
 
 PHONE = "0a" * 32
 TABLET = "0b" * 32
@@ -61,6 +67,7 @@ async def test_sleeping_callee_is_woken_by_a_voip_push_and_answers(wake: Wake) -
         "v": 1,
         "type": "incoming_call",
         "call_id": call.call_id,
+        "call_uuid": call.call_id,  # the client library's call ids are UUIDs already
         "caller_id": "alice",
         "caller_name": "Alice A.",
         "video": True,
@@ -419,3 +426,48 @@ async def test_a_failed_push_to_one_device_does_not_end_a_call_ringing_elsewhere
     tablet = await woken(sip, "bob", "bob-tablet", binding)
     await (await tablet.incoming()).answer(ANSWER)
     assert (await call.answered())["sdp"] == ANSWER
+
+
+# ---------------------------------------------------------------------------------------------- races
+
+
+class PausingStore(MemoryStore):
+    """The in-memory store, except that `add_notices` waits at a gate: the moment when the server is writing
+    a finished call's notices, held open so a device can register right then."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.writing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def add_notices(self, user_id: str, notices: Sequence[tuple[str, Notice]]) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        await super().add_notices(user_id, notices)
+
+
+async def test_a_phone_registering_while_the_ended_call_is_being_recorded_is_told_at_once(
+    manual_clock: ManualClock,
+) -> None:
+    store = PausingStore(manual_clock)
+    async with running(make_settings(), store, manual_clock) as sip:
+        alice = await sip.device("alice")
+        binding = await sip.asleep("bob", "bob-phone", PHONE)
+        call = await alice.invite("bob", OFFER)
+        assert (await call.next_response())["stage"] == "push_sent"
+        cancelling = asyncio.ensure_future(call.cancel())
+        async with asyncio.timeout(5):
+            await store.writing.wait()
+
+        # The phone's REGISTER runs while the notices are on their way to the store: it takes none.
+        phone = await woken(sip, "bob", "bob-phone", binding)
+        assert await settled(phone) == []
+        store.gate.set()
+        assert (await cancelling)["code"] == 200
+        ended = await phone.next_event("ended")
+        assert (ended["call_id"], ended["reason"]) == (call.call_id, "remote_ended")
+        assert (await phone.next_event("missed"))["call_id"] == call.call_id
+        assert await settled(phone) == []  # each once, and never the INVITE
+        await phone.close()
+        again = await woken(sip, "bob", "bob-phone", binding)
+        assert await settled(again) == []
