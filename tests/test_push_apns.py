@@ -618,3 +618,14 @@ async def test_bad_configuration_fails_at_start(
 
     assert caught.value.setting == setting
     assert setting in str(caught.value)
+
+
+async def test_d_a_provider_built_outside_any_event_loop_works_inside_one(server: ApnsServer) -> None:
+    # aioapns binds its pool to the loop running when a client is made; the provider makes its clients lazily.
+    provider = await asyncio.to_thread(ApnsProvider, server.config())
+    await provider.start()
+    try:
+        result = await provider.send_incoming_call(incoming(tok("outside")))
+    finally:
+        await provider.close()
+    assert result.outcome is Outcome.DELIVERED

@@ -4,15 +4,19 @@ the local APNs stand-in, over both store backends. Each test is one story a call
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Sequence
 
 import pytest
+import structlog
 
+from push.apns import ApnsProvider
+from signaling import log
 from signaling.client import CallFailed, Client, OutgoingCall
 from signaling.clock import ManualClock
 from signaling.models import Notice
 from signaling.store import MemoryStore
-from tests.apns_server import Answer
+from tests.apns_server import Answer, ApnsServer
 from tests.conftest import Wake
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
 
@@ -471,3 +475,47 @@ async def test_a_phone_registering_while_the_ended_call_is_being_recorded_is_tol
         await phone.close()
         again = await woken(sip, "bob", "bob-phone", binding)
         assert await settled(again) == []
+
+
+# ---------------------------------------------------------------------------------------------- alerts and logs
+
+
+async def test_a_missed_call_alert_push_goes_to_the_alert_token_and_never_as_voip(
+    manual_clock: ManualClock, apns_server: ApnsServer
+) -> None:
+    provider = ApnsProvider(apns_server.config(request_timeout=1.0), clock=manual_clock.now)
+    settings = make_settings(missed_call_alerts=True)
+    async with running(settings, MemoryStore(manual_clock), manual_clock, provider) as sip:
+        alice = await sip.device("alice", name="Alice A.")
+        await sip.asleep("bob", "bob-phone", PHONE, alert_token=TABLET)
+        call = await alice.invite("bob", OFFER)
+        await pushed(Wake(sip, apns_server), call)
+        await call.cancel()
+        await apns_server.wait_until(lambda: len(apns_server.requests_for(TABLET)) == 1)
+
+    [alert] = apns_server.requests_for(TABLET)
+    assert (alert.headers["apns-push-type"], alert.headers["apns-topic"]) == ("alert", "com.example.app")
+    assert alert.payload["aps"]["alert"] == {"title": "Alice A.", "body": "Missed call"}
+    assert alert.payload["siplite"]["call_id"] == call.call_id
+    assert [r.headers["apns-push-type"] for r in apns_server.requests_for(PHONE)] == ["voip"]
+
+
+async def test_a_whole_wake_up_logs_no_push_token_and_no_sdp(wake: Wake) -> None:
+    buffer = io.StringIO()
+    log.configure("debug", "json", stream=buffer, cache=False)
+    try:
+        sip = wake.sip
+        alice = await sip.device("alice")
+        binding = await sip.asleep("bob", "bob-phone", PHONE)
+        call = await alice.invite("bob", OFFER)
+        await pushed(wake, call)
+        bob = await woken(sip, "bob", "bob-phone", binding)
+        await (await bob.incoming()).answer(ANSWER)
+        await call.answered()
+        await call.hangup()
+    finally:
+        structlog.reset_defaults()
+    text = buffer.getvalue()
+    assert "push.sent" in text and "call.device_connected" in text
+    for secret in (PHONE, "m=audio", "192.0.2.1"):
+        assert secret not in text
