@@ -39,7 +39,10 @@ TRIGGERS: Final[dict[str, str]] = {
     "UpdateReceived": "`update` from the caller or a device",
     "UpdateAnswered": "`response` to a server `update`",
     "IceReceived": "`ice` from the caller or a device",
-    "TimerFired": "ring or update timer",
+    "TimerFired": "ring, update or `ack_grace` timer",
+    "PushAccepted": "APNs accepted the VoIP push to a device",
+    "PushFailed": "the VoIP push to a device failed (surely, or maybe: a timeout or a lost connection)",
+    "DeviceConnected": "a callee device registered on a new connection (woken, or back on a fresh socket)",
 }
 
 # What a handler does, for handlers without a docstring. Wire terms; keep each to a sentence or three.
@@ -57,8 +60,17 @@ SUMMARIES: Final[dict[str, str]] = {
     "`cancel` `caller_cancelled` to every ringing device. A `bye` from a ringing device is refused "
     "(481 `invalid_state`).",
     "_on_caller_lost_ringing": "`cancel` `caller_gone` to every ringing device.",
-    "_on_ring_timer": "Ring timeout: 408 to the caller's `invite`, `cancel` `no_answer` to every ringing device. "
-    "Any other timer: nothing.",
+    "_on_ring_timer": "Ring timeout: 408 to the caller's `invite`, `cancel` `no_answer` to every ringing device, "
+    "`ended` `unanswered` (and `missed`) held for every device still waking. `ack_grace`: a connected device "
+    "with a `voip_token` that never answered the `invite` is pushed, once. Any other timer: nothing.",
+    "_on_push_accepted": "The first accepted push of the call: 183 `push_sent` to the caller. Later ones: "
+    "nothing.",
+    "_on_push_failed": "A push that surely failed ends that leg; one that may have arrived leaves it waiting. "
+    "Once no leg can answer, the caller gets 480 (or 486/488 as for rejections) and every waking device's `ended` "
+    "`failed` is held for it.",
+    "_on_device_connected": "The device is offered the call: `invite` with the caller's offer, then every `ice` "
+    "candidate the caller sent; the first woken device also gives the caller 183 `callee_connected`. A device "
+    "whose leg already ended: nothing.",
     "_on_ice_ringing": "From the caller: 200, relayed to every ringing device. From a ringing device: 200, "
     "held, and relayed to the caller only if that device answers. At most 64 per party before the "
     "answer (then 481 `invalid_state`).",

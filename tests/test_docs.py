@@ -115,3 +115,9 @@ def test_every_pair_of_the_table_has_a_row_and_every_state_its_refusals() -> Non
         assert row in table and f"`{handler.__name__}`" in table
     for state in CallState:
         assert sum(line.startswith(f"| `{state.value}` |") for line in table.splitlines()) >= 1
+
+
+def test_every_setting_has_a_row_in_the_readme_configuration_table() -> None:
+    readme = (docs.PROTOCOL_MD.parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [f.name for f in fields(Settings) if f"| `SIPLITE_{f.name.upper()}` |" not in readme]
+    assert missing == []
