@@ -50,6 +50,9 @@ class IncomingCallPush:
     video: bool
     sent_at: float
     deadline: float
+    # Whose device this wakes: for logs and the development recorder, never sent to APNs.
+    user_id: str = ""
+    device_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class MissedCallAlert:
     caller_id: str
     caller_name: str | None
     at: float
+    user_id: str = ""
+    device_id: str = ""
 
 
 class PushProvider(Protocol):

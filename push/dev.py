@@ -1,18 +1,23 @@
 """A push provider for development: records every push, answers DELIVERED, lets a demo or test react to pushes.
 
 Used when no APNs credentials are configured. Nothing leaves the process: a simulated device can subscribe (or
-`wait_for` a push) and "wake up" when one is recorded.
+`wait_for` a push) and "wake up" when one is recorded; another process sees the records through the server's
+`GET /dev/pushes` (see `signaling.client.dev_pushes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushResult
+from push.payload import incoming_call_payload, missed_call_payload
 from signaling.log import get_logger
 
 log = get_logger("push.dev")
@@ -22,6 +27,31 @@ log = get_logger("push.dev")
 class RecordedPush:
     request: IncomingCallPush | MissedCallAlert
     result: PushResult
+    # 1, 2, 3, ... in recording order, so a reader can ask for what came after the last one it saw.
+    index: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The push as APNs would have received it (headers that matter and the payload), without the token."""
+        request = self.request
+        if isinstance(request, IncomingCallPush):
+            kind, topic, push_type = "incoming_call", f"{request.bundle_id}.voip", "voip"
+            payload, expiration = incoming_call_payload(request), int(request.deadline)
+        else:
+            kind, topic, push_type = "missed_call", request.bundle_id, "alert"
+            payload, expiration = missed_call_payload(request), None
+        return {
+            "index": self.index,
+            "kind": kind,
+            "call_id": request.call_id,
+            "user_id": request.user_id,
+            "device_id": request.device_id,
+            "environment": request.environment.value,
+            "apns_topic": topic,
+            "apns_push_type": push_type,
+            "apns_expiration": expiration,
+            "apns_id": self.result.apns_id,
+            "payload": json.loads(payload) if payload else None,
+        }
 
 
 class DevelopmentProvider:
@@ -32,6 +62,7 @@ class DevelopmentProvider:
     def __init__(self, *, max_records: int = 1000) -> None:
         self._records: deque[RecordedPush] = deque(maxlen=max_records)
         self._subscribers: set[asyncio.Queue[RecordedPush]] = set()
+        self._counter = itertools.count(1)
 
     @property
     def records(self) -> list[RecordedPush]:
@@ -76,12 +107,14 @@ class DevelopmentProvider:
 
     def _record(self, request: IncomingCallPush | MissedCallAlert) -> PushResult:
         result = PushResult(outcome=Outcome.DELIVERED, apns_id=str(uuid.uuid4()), status=200)
-        record = RecordedPush(request, result)
+        record = RecordedPush(request, result, next(self._counter))
         self._records.append(record)
         log.info(
             "push.recorded",
             kind="incoming_call" if isinstance(request, IncomingCallPush) else "missed_call",
             call_id=request.call_id,
+            user_id=request.user_id,
+            device_id=request.device_id,
             apns_id=result.apns_id,
             environment=str(request.environment),
             token=request.token,

@@ -36,6 +36,38 @@ Frame = dict[str, Any]
 T = TypeVar("T")
 
 
+async def dev_pushes(
+    url: str,
+    token: str,
+    *,
+    after: int = 0,
+    wait: float = 0.0,
+    session: aiohttp.ClientSession | None = None,
+) -> list[Frame]:
+    """The pushes a development server (no APNs configured) recorded for the devices of `token`'s user, after
+    index `after`, waiting up to `wait` seconds for one: what a simulated sleeping device watches to "wake up".
+
+    `url` is the server's base URL or its WebSocket URL (`ws://host:port/ws` works). Each push is a map with
+    `index`, `kind` ("incoming_call" or "missed_call"), `call_id`, `device_id`, the `apns_*` headers and the
+    `payload` APNs would have carried. Raises `aiohttp.ClientResponseError` on 401 or 400."""
+    base = url.removesuffix("/ws").replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    own = session is None
+    http = session or aiohttp.ClientSession()
+    try:
+        async with http.get(
+            f"{base}/dev/pushes",
+            params={"after": str(after), "wait": str(wait)},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            response.raise_for_status()
+            body = await response.json()
+    finally:
+        if own:
+            await http.close()
+    pushes: list[Frame] = body["pushes"]
+    return pushes
+
+
 class ClientError(Exception):
     """A request was answered with an error status. `response` is the whole response frame."""
 

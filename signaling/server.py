@@ -26,7 +26,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from push.apns import ApnsConfig, ApnsProvider
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushProvider
-from push.dev import DevelopmentProvider
+from push.dev import DevelopmentProvider, RecordedPush
 from signaling import call as core
 from signaling import log, wire
 from signaling.auth import Identity, TokenVerifier
@@ -694,6 +694,8 @@ class Switchboard:
                 video=call.video,
                 sent_at=self.clock.now(),
                 deadline=call.deadline,
+                user_id=call.callee_user,
+                device_id=device_id,
             )
         )
         fields = {
@@ -738,6 +740,8 @@ class Switchboard:
             caller_id=handle.call.caller_user,
             caller_name=handle.call.caller_name,
             at=self.clock.now(),
+            user_id=handle.call.callee_user,
+            device_id=device_id,
         )
 
         async def send() -> None:
@@ -845,6 +849,46 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+# Longest a `GET /dev/pushes` long poll may wait.
+_DEV_PUSHES_MAX_WAIT: Final = 30.0
+
+
+async def dev_pushes(request: web.Request) -> web.Response:
+    """`GET /dev/pushes?after=N&wait=S` (development provider only): the pushes recorded for the devices of the
+    user whose token is in `Authorization: Bearer`, after index N, waiting up to S seconds for one to come."""
+    board = request.app[SWITCHBOARD]
+    recorder = board.push
+    assert isinstance(recorder, DevelopmentProvider)  # the route exists only then
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return _http_error(401, "auth_failed", "send Authorization: Bearer <token>")
+    try:
+        identity = board.verifier.verify(token.strip())
+    except AuthenticationFailed as exc:
+        return _http_error(401, exc.error, exc.detail)
+    try:
+        after = int(request.query.get("after", "0"))
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        return _http_error(400, "invalid_field", "after must be an integer and wait a number of seconds")
+    if not 0 <= wait <= _DEV_PUSHES_MAX_WAIT:
+        return _http_error(400, "invalid_field", f"wait must be between 0 and {_DEV_PUSHES_MAX_WAIT:g} seconds")
+
+    def mine(record: RecordedPush) -> bool:
+        return record.index > after and record.request.user_id == identity.user_id
+
+    found = [r for r in recorder.records if mine(r)]
+    if not found and wait > 0:
+        with contextlib.suppress(TimeoutError):
+            await recorder.wait_for(mine, wait)
+            found = [r for r in recorder.records if mine(r)]
+    return web.json_response({"pushes": [r.describe() for r in found]})
+
+
+def _http_error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "node_id": request.app[SETTINGS].node_id})
 
@@ -943,4 +987,6 @@ def create_app(
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if isinstance(push, DevelopmentProvider):
+        app.router.add_get("/dev/pushes", dev_pushes)
     return app

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import aiohttp
 import pytest
 
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushProvider
 from push.dev import DevelopmentProvider
+from signaling.client import dev_pushes
 from signaling.models import PushEnvironment
+from tests.conftest import Wake
+from tests.harness import OFFER, Harness
 
 
 def call(call_id: str, token: str = "ab" * 32) -> IncomingCallPush:
@@ -95,3 +100,58 @@ async def test_subscription_wakes_a_simulated_device() -> None:
 
     assert woken == ["c1"]
     assert queue.empty()
+
+
+# --- seen from another process: GET /dev/pushes ------------------------------------------------------------------
+
+
+async def test_a_simulated_phone_sees_its_push_over_http_and_wakes_into_the_call(sip: Harness) -> None:
+    alice = await sip.device("alice", name="Alice A.")
+    binding = await sip.asleep("bob", "bob-phone", "ab" * 32)
+    token = sip.token("bob")
+    assert await dev_pushes(sip.url, token) == []
+
+    call = await alice.invite("bob", OFFER)
+    [push] = await dev_pushes(sip.url, token, wait=5)
+    assert {k: push[k] for k in ("kind", "call_id", "user_id", "device_id", "apns_push_type", "apns_topic")} == {
+        "kind": "incoming_call",
+        "call_id": call.call_id,
+        "user_id": "bob",
+        "device_id": "bob-phone",
+        "apns_push_type": "voip",
+        "apns_topic": "com.example.app.voip",
+    }
+    assert push["payload"]["siplite"]["call_uuid"] == call.call_id
+    assert push["apns_expiration"] == int(sip.clock.now() + sip.settings.ring_timeout)
+    assert "ab" * 32 not in json.dumps(push)  # the token itself is never shown
+    assert await dev_pushes(sip.url, sip.token("carol")) == []  # nobody sees another user's pushes
+    assert await dev_pushes(sip.url, token, after=push["index"]) == []
+
+    phone = await sip.device("bob", "bob-phone", push=binding)
+    assert (await phone.incoming()).call_id == call.call_id
+
+
+@pytest.mark.parametrize(
+    ("token", "query", "status"),
+    [
+        ("forged.jwt.token", {}, 401),
+        (None, {}, 401),
+        ("bob", {"wait": "31"}, 400),
+        ("bob", {"after": "x"}, 400),
+    ],
+    ids=["forged", "missing", "wait-too-long", "bad-after"],
+)
+async def test_the_dev_endpoint_refuses_bad_requests(
+    sip: Harness, token: str | None, query: dict[str, str], status: int
+) -> None:
+    headers = {} if token is None else {"Authorization": f"Bearer {sip.token(token) if token == 'bob' else token}"}
+    url = sip.url.removesuffix("/ws").replace("ws://", "http://") + "/dev/pushes"
+    async with aiohttp.ClientSession() as http, http.get(url, params=query, headers=headers) as response:
+        assert response.status == status
+        assert (await response.json())["error"] in ("auth_failed", "invalid_field")
+
+
+async def test_the_dev_endpoint_does_not_exist_when_apns_is_configured(wake: Wake) -> None:
+    url = wake.sip.url.removesuffix("/ws").replace("ws://", "http://") + "/dev/pushes"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        assert response.status == 404
