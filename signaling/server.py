@@ -30,6 +30,7 @@ from push.dev import DevelopmentProvider, RecordedPush
 from signaling import call as core
 from signaling import log, wire
 from signaling.auth import Identity, TokenVerifier
+from signaling.bus import Bus, LocalBus, Message, RedisBus
 from signaling.clock import Clock, SystemClock, TimerHandle
 from signaling.config import Settings
 from signaling.errors import (
@@ -106,7 +107,9 @@ class Connection:
         self.errors = 0
         self.last_seen = 0.0
         self.calls: set[str] = set()  # as caller
-        self.legs: set[str] = set()  # as a callee device
+        self.legs: set[str] = set()  # as a callee device, of calls this node owns
+        # As a callee device, of calls another node owns: call id -> that node. Frames naming them go there.
+        self.remote_calls: dict[str, str] = {}
         self.timers: list[TimerHandle] = []
         self.closing = False
         self.cleaned = False
@@ -119,13 +122,17 @@ class Connection:
 
     async def send(self, frame: wire.Outbound) -> None:
         """Write one frame. Frames to a connection that is closing are dropped (its calls end with it)."""
+        await self.send_map(wire.to_map(frame))
+
+    async def send_map(self, out: dict[str, object]) -> None:
+        """Write one frame given as its map (`wire.to_map`, possibly from another node); server requests take
+        this connection's next `seq`."""
         if self.closing or self.ws.closed:
             return
-        seq: int | None = None
-        if not isinstance(frame, wire.Response | wire.ErrorNotice):
+        if out.get("type") not in ("response", "error"):
             self.out_seq += 1
-            seq = self.out_seq
-        data = wire.encode(frame, self.encoding, seq)
+            out["seq"] = self.out_seq
+        data = wire.dumps(out, self.encoding)
         try:
             if isinstance(data, bytes):
                 await self.ws.send_bytes(data)
@@ -142,6 +149,40 @@ class Connection:
         await self.ws.close(code=code, message=message.encode()[:120])
 
 
+@dataclass(eq=False, slots=True)
+class RemotePeer:
+    """A callee device whose connection another node holds: frames to it travel over the bus.
+
+    It stands in for a `Connection` in a call this node owns (as a leg) and as the sender of the frames that
+    device sends about the call, which its node forwards here (`op: frame`)."""
+
+    board: Switchboard
+    node_id: str
+    identity: Identity
+    device_id: str
+    conn_id: str
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    async def send(self, frame: wire.Outbound) -> None:
+        message = {"op": "deliver", "user": self.user_id, "device": self.device_id, "conn": self.conn_id}
+        await self.board.publish(self.node_id, {**message, "frame": wire.to_map(frame)})
+
+
+# A party of a call: a connection on this node, or a device's connection on another.
+Party = Connection | RemotePeer
+
+# Frames a device sends about a call it rings for; when another node owns the call they are forwarded there.
+_FORWARDED: Final = (wire.Reply, wire.Ice, wire.Bye, wire.Update)
+
+
+def _remote_identity(user_id: str) -> Identity:
+    # The device's own node authenticated it and keeps its token's expiry; the owner only needs the user id.
+    return Identity(user_id, None, float("inf"))
+
+
 @dataclass(slots=True)
 class CallHandle:
     """A live call on this node: the core state machine plus the connections its parties hold."""
@@ -149,7 +190,7 @@ class CallHandle:
     call: core.Call
     record: CallRecord
     caller: Connection
-    legs: dict[str, Connection]
+    legs: dict[str, Party]
     # Every known device of the callee at INVITE time (push bindings for waking, alert tokens for missed calls).
     devices: dict[str, Device] = field(default_factory=dict)
     timers: dict[tuple[core.TimerKind, str | None], TimerHandle] = field(default_factory=dict)
@@ -161,11 +202,18 @@ class Switchboard:
     """Connections, local bindings and live calls of this node, and the handling of every request."""
 
     def __init__(
-        self, settings: Settings, store: Store, clock: Clock, verifier: TokenVerifier, push: PushProvider
+        self,
+        settings: Settings,
+        store: Store,
+        clock: Clock,
+        verifier: TokenVerifier,
+        push: PushProvider,
+        bus: Bus | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.push = push
+        self.bus: Bus = bus or LocalBus()
         self.clock = clock
         self.verifier = verifier
         self.node_id = settings.node_id
@@ -179,7 +227,9 @@ class Switchboard:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: TimerHandle | None = None
-        self._handlers: dict[type[wire.Inbound], Callable[[Connection, wire.Inbound], Awaitable[None]]] = {
+        # The latest periodic sweep (for tests and shutdown to wait on).
+        self.last_sweep: asyncio.Task[None] | None = None
+        self._handlers: dict[type[wire.Inbound], Callable[[Party, wire.Inbound], Awaitable[None]]] = {
             wire.Register: self._on_register,  # type: ignore[dict-item]
             wire.Keepalive: self._on_keepalive,  # type: ignore[dict-item]
             wire.Invite: self._on_invite,  # type: ignore[dict-item]
@@ -193,8 +243,16 @@ class Switchboard:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.bus.start(self.node_id, self._on_bus)
         self._schedule_sweep()
+
+    async def publish(self, node_id: str, message: Message) -> None:
+        """Send `message` to another node over the bus; a failure is logged (the timers end what it leaves)."""
+        try:
+            await self.bus.publish(node_id, {**message, "from": self.node_id})
+        except StoreUnavailable as exc:
+            logger.warning("bus.publish_failed", node_id=node_id, op=message.get("op"), error=str(exc))
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -206,7 +264,7 @@ class Switchboard:
         for task in list(self._tasks):
             task.cancel()
 
-    def spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         """Run work started from a timer callback, keeping a reference so it is neither lost nor collected."""
 
         async def run() -> None:
@@ -220,13 +278,14 @@ class Switchboard:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _schedule_sweep(self) -> None:
         interval = self.settings.presence_ttl / 3
         self._sweeper = self.clock.call_at(self.clock.now() + interval, self._sweep_due)
 
     def _sweep_due(self) -> None:
-        self.spawn(self.sweep())
+        self.last_sweep = self.spawn(self.sweep())
         self._schedule_sweep()
 
     async def sweep(self) -> None:
@@ -282,6 +341,9 @@ class Switchboard:
             handle = self.calls.get(call_id)
             if handle is not None and conn.device_id is not None:
                 await self._step(handle, core.LegLost(conn.device_id))
+        for call_id, owner in list(conn.remote_calls.items()):
+            await self.publish(owner, self._leg_message("lost", conn, call_id))
+        conn.remote_calls.clear()
         if conn.identity is not None and conn.device_id is not None:
             key = (conn.identity.user_id, conn.device_id)
             if self.bound.get(key) is conn:
@@ -292,6 +354,107 @@ class Switchboard:
                     logger.warning("presence.unregister_failed", user_id=key[0], device_id=key[1], error=str(exc))
         logger.debug("conn.closed", conn_id=conn.conn_id, user_id=conn.user_id)
         conn.finished.set()
+
+    # ------------------------------------------------------------------------------------------ the bus
+
+    async def _on_bus(self, message: Message) -> None:
+        """One message from another node (see `signaling.bus`). Never raises."""
+        op = message.get("op")
+        try:
+            if op == "deliver":
+                await self._bus_deliver(message)
+            elif op == "frame":
+                await self._bus_frame(message)
+            elif op == "lost":
+                await self._bus_lost(message)
+            elif op == "connected":
+                await self._bus_connected(message)
+            elif op == "replaced":
+                await self._bus_replaced(message)
+            else:
+                logger.warning("bus.unknown_op", op=op)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.error("bus.bad_message", op=op, error=f"{type(exc).__name__}: {exc}")
+        except Exception:
+            logger.exception("bus.crashed", op=op)
+
+    def _local(self, message: Message) -> Connection | None:
+        """The connection a message names, if this node still holds it."""
+        conn = self.bound.get((message["user"], message["device"]))
+        return conn if conn is not None and conn.conn_id == message["conn"] and not conn.closing else None
+
+    def _peer(self, message: Message, node_id: str | None = None) -> RemotePeer:
+        node = node_id or message["from"]
+        return RemotePeer(self, node, _remote_identity(message["user"]), message["device"], message["conn"])
+
+    async def _bus_deliver(self, message: Message) -> None:
+        """A frame from a call's owner for a device connected here."""
+        frame: dict[str, object] = message["frame"]
+        kind, call_id = frame.get("type"), frame.get("call_id")
+        conn = self._local(message)
+        if conn is None:
+            # The socket is gone: tell the owner, unless the frame was ending the call for this device anyway.
+            if isinstance(call_id, str) and kind not in ("cancel", "bye", "response", "error", "ended", "missed"):
+                lost = {"op": "lost", "call": call_id, "user": message["user"], "device": message["device"]}
+                await self.publish(message["from"], {**lost, "conn": message["conn"]})
+            return
+        if isinstance(call_id, str):
+            if kind == "invite":
+                conn.remote_calls[call_id] = message["from"]
+            elif kind in ("cancel", "bye") or (kind == "response" and frame.get("method") == "bye"):
+                conn.remote_calls.pop(call_id, None)
+        await conn.send_map(frame)
+
+    async def _bus_frame(self, message: Message) -> None:
+        """A frame a device on another node sent about a call this node owns, as the device sent it."""
+        frame = wire.decode(message["data"])
+        if not isinstance(frame, _FORWARDED):
+            raise ValueError(f"{type(frame).__name__} is not forwarded")
+        handle = self.calls.get(message["call"])
+        leg = handle.legs.get(message["device"]) if handle is not None else None
+        # A device that is (no longer) this call's leg on that connection is a stranger here: it gets 481.
+        sender = leg if isinstance(leg, RemotePeer) and leg.conn_id == message["conn"] else self._peer(message)
+        await self._dispatch(sender, frame)
+
+    async def _bus_lost(self, message: Message) -> None:
+        handle = self.calls.get(message["call"])
+        leg = handle.legs.get(message["device"]) if handle is not None else None
+        if handle is not None and isinstance(leg, RemotePeer) and leg.conn_id == message["conn"]:
+            await self._step(handle, core.LegLost(leg.device_id))
+
+    async def _bus_connected(self, message: Message) -> None:
+        """A device this node woke for a call registered on another node: offer it the call there. If the call
+        has ended, the device may have registered while its notices were being written: hand them over."""
+        peer = self._peer(message, message["node"])
+        if message["call"] in self.calls:
+            await self._rejoin(peer, message["call"])
+            return
+        for notice in await self.store.take_notices(peer.user_id, peer.device_id):
+            await peer.send(_notice_frame(notice))
+
+    async def _bus_replaced(self, message: Message) -> None:
+        """The device of a connection here registered on another node: move its calls there, then close it."""
+        conn = self._local(message)
+        if conn is None:
+            return
+        moved = RemotePeer(
+            self,
+            message["node"],
+            conn.identity or _remote_identity(message["user"]),
+            message["device"],
+            message["to_conn"],
+        )
+        ringing = [c for c in conn.legs if c in self.calls]
+        elsewhere = dict(conn.remote_calls)
+        conn.legs.clear()
+        conn.remote_calls.clear()
+        logger.info("presence.replaced", user_id=moved.user_id, device_id=moved.device_id, conn_id=conn.conn_id)
+        await self._drop(conn, CloseCode.REPLACED, "device registered on another connection")
+        for call_id in ringing:
+            await self._rejoin(moved, call_id)
+        for call_id, owner in elsewhere.items():
+            connected = {"op": "connected", "call": call_id, "user": moved.user_id, "device": moved.device_id}
+            await self.publish(owner, {**connected, "conn": moved.conn_id, "node": moved.node_id})
 
     # ------------------------------------------------------------------------------------------ frames
 
@@ -310,18 +473,53 @@ class Switchboard:
                         f"seq {frame.seq} is not greater than the previous request's {conn.last_seq}"
                     )
                 conn.last_seq = frame.seq
-            await self._handlers[type(frame)](conn, frame)
-            conn.errors = 0
         except PeerError as exc:
             await self._reject(conn, frame, exc)
-        except StoreUnavailable as exc:
-            logger.error("store.unavailable", error=str(exc))
-            await self._reject(conn, frame, exc)
+            return
         except Exception:
             logger.exception("frame.crashed", conn_id=conn.conn_id, user_id=conn.user_id)
             await self._reject(conn, frame, InternalError("internal error; the request was not carried out"))
+            return
+        owner = self._owner_elsewhere(conn, frame)
+        if owner is not None:
+            await self._forward(conn, owner, frame, data)
+            conn.errors = 0
+            return
+        await self._dispatch(conn, frame)
 
-    async def _reject(self, conn: Connection, frame: wire.Inbound | None, exc: SipLiteError) -> None:
+    async def _dispatch(self, sender: Party, frame: wire.Inbound) -> None:
+        """Carry out one decoded frame from a connection here or a device on another node; never raises."""
+        try:
+            await self._handlers[type(frame)](sender, frame)
+            if isinstance(sender, Connection):
+                sender.errors = 0
+        except PeerError as exc:
+            await self._reject(sender, frame, exc)
+        except StoreUnavailable as exc:
+            logger.error("store.unavailable", error=str(exc))
+            await self._reject(sender, frame, exc)
+        except Exception:
+            logger.exception("frame.crashed", conn_id=sender.conn_id, user_id=sender.user_id)
+            await self._reject(sender, frame, InternalError("internal error; the request was not carried out"))
+
+    def _owner_elsewhere(self, conn: Connection, frame: wire.Inbound) -> str | None:
+        """The node that owns the call `frame` is about, when it is another node's call this device rings for."""
+        if not isinstance(frame, _FORWARDED) or frame.call_id in self.calls:
+            return None
+        return conn.remote_calls.get(frame.call_id)
+
+    async def _forward(self, conn: Connection, owner: str, frame: wire.Inbound, data: bytes | str) -> None:
+        """Pass a device's frame to the call's owner as the device sent it; the owner answers over the bus."""
+        assert isinstance(frame, _FORWARDED)
+        self._registered(conn)
+        if isinstance(frame, wire.Reply) and frame.method is wire.Method.INVITE and frame.code >= 300:
+            conn.remote_calls.pop(frame.call_id, None)  # the device is done with the call
+        await self.publish(owner, {**self._leg_message("frame", conn, frame.call_id), "data": data})
+
+    def _leg_message(self, op: str, conn: Connection, call_id: str) -> Message:
+        return {"op": op, "call": call_id, "user": conn.user_id, "device": conn.device_id, "conn": conn.conn_id}
+
+    async def _reject(self, conn: Party, frame: wire.Inbound | None, exc: SipLiteError) -> None:
         if frame is not None:
             exc.seq = frame.seq
             exc.call_id = getattr(frame, "call_id", None)
@@ -351,6 +549,8 @@ class Switchboard:
                 retry_after=retry if isinstance(retry, float) else None,
             )
         await conn.send(out)
+        if not isinstance(conn, Connection):
+            return  # its own node counts its errors
         if isinstance(exc, AuthenticationFailed):
             await self._drop(conn, CloseCode.UNAUTHORIZED, exc.detail)
             return
@@ -407,26 +607,36 @@ class Switchboard:
             logger.info("presence.replaced", user_id=key[0], device_id=key[1], conn_id=previous.conn_id)
             await self._drop(previous, CloseCode.REPLACED, "device registered on another connection")
         elif replaced is not None and replaced.node_id != self.node_id:
-            # Cross-node replacement is carried over the node bus (issue 4); until then the old binding
-            # simply loses its presence entry and its node closes it at its next keepalive sweep.
+            # The old connection is on another node: it closes it, and moves the calls it rang for to this one.
             logger.info("presence.replaced_remote", user_id=key[0], device_id=key[1], node_id=replaced.node_id)
+            message = {"op": "replaced", "user": key[0], "device": key[1], "conn": replaced.conn_id}
+            await self.publish(replaced.node_id, {**message, "node": self.node_id, "to_conn": conn.conn_id})
         if first:
             rejoin += sorted(self.waking.pop(key, set()))
+            # Calls another node is waking this device for: ask each owner to offer them here.
+            for call_id, owner in registered.waking:
+                if owner != self.node_id:
+                    connected = {**self._leg_message("connected", conn, call_id), "node": self.node_id}
+                    await self.publish(owner, connected)
         for call_id in dict.fromkeys(rejoin):
             await self._rejoin(conn, call_id)
         logger.info("presence.registered", user_id=key[0], device_id=key[1], conn_id=conn.conn_id)
 
-    async def _rejoin(self, conn: Connection, call_id: str) -> None:
-        """Offer a ringing call to a device that just connected: woken by its push, or back on a new socket."""
+    async def _rejoin(self, conn: Party, call_id: str) -> None:
+        """Offer a ringing call to a device that just connected (here or on another node): woken by its push,
+        or back on a new socket. A device already offered the call on this very connection is left alone."""
         handle = self.calls.get(call_id)
-        if handle is None or conn.device_id is None:
+        if handle is None or conn.device_id is None or conn.user_id != handle.call.callee_user:
             return
         device_id = conn.device_id
         old = handle.legs.get(device_id)
-        if old is not None and old is not conn:
+        if old is not None and old.conn_id == conn.conn_id:
+            return
+        if isinstance(old, Connection):
             old.legs.discard(call_id)
         handle.legs[device_id] = conn
-        conn.legs.add(call_id)
+        if isinstance(conn, Connection):
+            conn.legs.add(call_id)
         pushed_at = handle.pushed_at.pop(device_id, None)
         logger.info(
             "call.device_connected",
@@ -441,7 +651,7 @@ class Switchboard:
             logger.info("conn.token_expired", conn_id=conn.conn_id, user_id=conn.user_id)
             self.spawn(self._drop(conn, CloseCode.UNAUTHORIZED, "token expired; register again with a new token"))
 
-    def _registered(self, conn: Connection) -> tuple[Identity, str]:
+    def _registered(self, conn: Party) -> tuple[Identity, str]:
         if conn.identity is None or conn.device_id is None:
             raise NotRegistered("send REGISTER first")
         return conn.identity, conn.device_id
@@ -474,16 +684,21 @@ class Switchboard:
         opened = await self.store.open_call(record, self.settings.ring_timeout + _RECORD_SLACK)
         if not opened.created or req.call_id in self.calls:
             raise CallIdInUse(f"call id {req.call_id!r} is in use")
-        legs: dict[str, Connection] = {}
+        legs: dict[str, Party] = {}
+        # Calling yourself rings your other devices, never the one calling.
         elsewhere: set[str] = {device_id} if req.to == identity.user_id else set()
         for binding in opened.callee.bindings:
+            if binding.node_id != self.node_id:
+                # Live on another node: reached over the bus, never pushed while it answers.
+                legs[binding.device_id] = RemotePeer(
+                    self, binding.node_id, _remote_identity(binding.user_id), binding.device_id, binding.conn_id
+                )
+                continue
             target = self.bound.get((binding.user_id, binding.device_id))
             if target is conn:
                 continue
             if target is None or target.closing or target.conn_id != binding.conn_id:
-                # Live on another process: reached over the node bus (issue 4), never pushed while online.
-                elsewhere.add(binding.device_id)
-                continue
+                continue  # a binding of ours whose socket is gone: the device is offline (pushed if it can be)
             legs[binding.device_id] = target
         devices = {d.device_id: d for d in opened.callee.devices}
         pushable = {d for d, dev in devices.items() if dev.push is not None and dev.push.voip_token is not None}
@@ -516,13 +731,14 @@ class Switchboard:
         self.calls[req.call_id] = handle
         conn.calls.add(req.call_id)
         for leg in legs.values():
-            leg.legs.add(req.call_id)
+            if isinstance(leg, Connection):
+                leg.legs.add(req.call_id)
         logger.info(
             "call.started", call_id=req.call_id, user_id=identity.user_id, online=len(legs), sleeping=len(sleeping)
         )
         await self._apply(handle, call.start())
 
-    def _handle_for(self, conn: Connection, call_id: str) -> tuple[CallHandle, str | None]:
+    def _handle_for(self, conn: Party, call_id: str) -> tuple[CallHandle, str | None]:
         """The call and the device id the sender acts as (None for the caller). 481 for anyone else."""
         self._registered(conn)
         handle = self.calls.get(call_id)
@@ -533,31 +749,31 @@ class Switchboard:
                 return handle, conn.device_id
         raise NoSuchCall(f"no call {call_id!r} on this connection")
 
-    def _caller_only(self, conn: Connection, call_id: str) -> CallHandle:
+    def _caller_only(self, conn: Party, call_id: str) -> CallHandle:
         handle, device_id = self._handle_for(conn, call_id)
         if device_id is not None:
             raise NoSuchCall("only the caller sends this request")
         return handle
 
-    async def _on_ack(self, conn: Connection, req: wire.Ack) -> None:
+    async def _on_ack(self, conn: Party, req: wire.Ack) -> None:
         await self._step(self._caller_only(conn, req.call_id), core.CallerAcked(req.seq))
 
-    async def _on_cancel(self, conn: Connection, req: wire.Cancel) -> None:
+    async def _on_cancel(self, conn: Party, req: wire.Cancel) -> None:
         await self._step(self._caller_only(conn, req.call_id), core.CallerCancelled(req.seq))
 
-    async def _on_bye(self, conn: Connection, req: wire.Bye) -> None:
+    async def _on_bye(self, conn: Party, req: wire.Bye) -> None:
         handle, device_id = self._handle_for(conn, req.call_id)
         await self._step(handle, core.HangupReceived(req.seq, device_id))
 
-    async def _on_update(self, conn: Connection, req: wire.Update) -> None:
+    async def _on_update(self, conn: Party, req: wire.Update) -> None:
         handle, device_id = self._handle_for(conn, req.call_id)
         await self._step(handle, core.UpdateReceived(req.seq, device_id, req.sdp))
 
-    async def _on_ice(self, conn: Connection, req: wire.Ice) -> None:
+    async def _on_ice(self, conn: Party, req: wire.Ice) -> None:
         handle, device_id = self._handle_for(conn, req.call_id)
         await self._step(handle, core.IceReceived(req.seq, device_id, req.ice))
 
-    async def _on_reply(self, conn: Connection, reply: wire.Reply) -> None:
+    async def _on_reply(self, conn: Party, reply: wire.Reply) -> None:
         self._registered(conn)
         if reply.code >= 300 and reply.call_id not in self.calls:
             # A device confirming a CANCEL (487) or declining a call that has just ended: nothing is left to do,
@@ -630,7 +846,7 @@ class Switchboard:
                 self.spawn(self._send_voip_push(handle, effect.device_id))
             elif isinstance(effect, core.CallAnswered):
                 for device_id, leg in handle.legs.items():
-                    if device_id != effect.device_id:
+                    if device_id != effect.device_id and isinstance(leg, Connection):
                         leg.legs.discard(call_id)
                 handle.record = replace(handle.record, phase=CallPhase.ANSWERED, answered_by=effect.device_id)
                 await self._store_quietly(self.store.update_call(handle.record, _ANSWERED_RECORD_TTL))
@@ -680,7 +896,9 @@ class Switchboard:
             await self._push_result(handle, core.PushFailed(device_id, certain=True))
             return
         ttl = call.deadline - self.clock.now() + _RECORD_SLACK
-        if not await self.store.claim_push(call.call_id, device_id, ttl):
+        # The claim also tells whichever node the device registers on that this node wakes it for the call.
+        waking = (call.callee_user, self.node_id)
+        if not await self.store.claim_push(call.call_id, device_id, ttl, waking=waking):
             logger.warning("push.duplicate_suppressed", call_id=call.call_id, device_id=device_id)
             return
         result = await self.push.send_incoming_call(
@@ -756,7 +974,8 @@ class Switchboard:
         self.calls.pop(call_id, None)
         handle.caller.calls.discard(call_id)
         for leg in handle.legs.values():
-            leg.legs.discard(call_id)
+            if isinstance(leg, Connection):
+                leg.legs.discard(call_id)
         for timer in handle.timers.values():
             timer.cancel()
         handle.timers.clear()
@@ -843,7 +1062,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             elif msg.type is WSMsgType.ERROR:
                 break
     finally:
-        await board.closed(conn)
+        # aiohttp cancels this handler once the peer's socket is gone; the clean-up (ending calls, dropping the
+        # binding, telling other nodes) must outlive that, so it runs as a task of its own.
+        await asyncio.shield(board.spawn(board.closed(conn)))
     if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
         logger.info("conn.frame_too_large", conn_id=conn.conn_id, user_id=conn.user_id)
     return ws
@@ -907,6 +1128,15 @@ def build_store(settings: Settings, clock: Clock) -> Store:
     return RedisStore(settings.redis_url, clock, prefix=settings.redis_prefix, device_ttl=settings.device_ttl)
 
 
+def build_bus(store: Store) -> Bus:
+    """The bus between nodes: Redis pub/sub beside a Redis store; none for the single-process memory store."""
+    from signaling.store.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        return RedisBus(store.url, store.prefix)
+    return LocalBus()
+
+
 def build_push(settings: Settings, clock: Clock) -> PushProvider:
     """The push provider the settings ask for: APNs with credentials, else the development recorder."""
     if not settings.uses_apns:
@@ -935,6 +1165,7 @@ def create_app(
     clock: Clock | None = None,
     verifier: TokenVerifier | None = None,
     push: PushProvider | None = None,
+    bus: Bus | None = None,
 ) -> web.Application:
     """The SIP-lite application: `/ws` (the protocol), `/healthz`, `/readyz`. Parts may be injected for tests."""
     settings = settings or Settings()
@@ -952,7 +1183,8 @@ def create_app(
     app[SETTINGS] = settings
     app[STORE] = store
     push = push or build_push(settings, clock)
-    board = Switchboard(settings, store, clock, verifier, push)
+    bus = bus or build_bus(store)
+    board = Switchboard(settings, store, clock, verifier, push, bus)
     app[SWITCHBOARD] = board
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -960,7 +1192,7 @@ def create_app(
         logger.info(
             "store.ready",
             backend=type(store).__name__,
-            single_process=settings.redis_url is None,
+            single_process=isinstance(bus, LocalBus),
             node_id=settings.node_id,
         )
         yield
@@ -973,8 +1205,9 @@ def create_app(
         await push.close()
 
     async def board_ctx(app: web.Application) -> AsyncIterator[None]:
-        board.start()
+        await board.start()
         yield
+        await bus.close()
 
     async def close_sockets(app: web.Application) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

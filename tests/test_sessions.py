@@ -192,7 +192,8 @@ async def test_bindings_are_refreshed_while_connected(sip: Harness) -> None:
     for _ in range(9):
         await bob.keepalive()
         sip.clock.advance(sip.settings.presence_ttl / 3)
-        await bob.keepalive()  # the sweep's store refresh has run by the time this is answered
+        assert sip.board.last_sweep is not None
+        await sip.board.last_sweep  # the sweep the clock just set off, store refresh included
     assert [b.device_id for b in (await sip.board.store.presence("bob")).bindings] == ["bob-phone"]
 
 

@@ -1276,3 +1276,30 @@ async def test_stopped_redis_raises_and_a_restarted_one_works_again(
         assert (await store.presence("alice")).bindings == (binding,)
     finally:
         await store.close()
+
+
+# --- waking calls ------------------------------------------------------------------------------------------------
+
+
+async def test_a_claimed_push_is_seen_as_waking_by_the_devices_next_registrations(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    assert await store.claim_push("call-2", "phone", ttl=30, waking=("alice", "node-b")) is True
+    manual_clock.advance(1)
+    assert await store.claim_push("call-1", "phone", ttl=60, waking=("alice", "node-a")) is True
+    assert await store.claim_push("call-3", "phone", ttl=30) is True  # no waking record asked for
+    assert await store.claim_push("call-4", "ipad", ttl=30, waking=("alice", "node-a")) is True
+
+    _, registered = await register(store, manual_clock)
+    assert registered.waking == (("call-2", "node-b"), ("call-1", "node-a"))
+    _, again = await register(store, manual_clock, conn_id="conn-2")
+    assert again.waking == registered.waking  # not taken: a device may reconnect while the call rings
+    _, other = await register(store, manual_clock, "bob")
+    assert other.waking == ()
+
+    manual_clock.advance(30)  # call-2's claim has expired
+    _, later = await register(store, manual_clock, conn_id="conn-3")
+    assert later.waking == (("call-1", "node-a"),)
+    await store.forget_device("alice", "phone")
+    _, forgotten = await register(store, manual_clock, conn_id="conn-4")
+    assert forgotten.waking == ()

@@ -42,11 +42,14 @@ class Registered:
 
     `replaced`: the binding this registration replaced, when it belonged to another connection and had not
     expired. `notices`: the device's pending notices (not expired), oldest first; they are removed from the store
-    by this same call, so each is handed out once.
+    by this same call, so each is handed out once. `waking`: see the field.
     """
 
     replaced: Binding | None
     notices: tuple[Notice, ...] = ()
+    # Calls the device was pushed for that may still ring, as (call_id, the node that owns the call), ordered
+    # by expiry then call id: the registering node asks each owner to offer the call (see `claim_push`).
+    waking: tuple[tuple[str, str], ...] = ()
 
 
 class Store(Protocol):
@@ -87,9 +90,15 @@ class Store(Protocol):
         notices were being written."""
         ...
 
-    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
+    async def claim_push(
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+    ) -> bool:
         """True the first time (call, device) is claimed within `ttl`, False ever after: the guard that makes a
-        VoIP push for a call reach a device at most once, whichever process sends it."""
+        VoIP push for a call reach a device at most once, whichever process sends it.
+
+        With `waking` = (user_id, owner node_id), the same round trip also records that the device is being
+        woken for the call, for `ttl`, so whichever node the device registers on learns it (`Registered.waking`).
+        """
         ...
 
     async def reject_token(self, user_id: str, device_id: str, token: str, invalid_since: float | None) -> bool:

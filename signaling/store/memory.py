@@ -50,6 +50,8 @@ class MemoryStore:
         # Per (user, device): oldest first by (`at`, insertion), at most MAX_NOTICES, none known to be expired.
         self._notices: dict[tuple[str, str], list[Notice]] = {}
         self._claims: dict[tuple[str, str], float] = {}  # (call_id, device_id) -> claim expiry
+        # (user, device) -> call_id -> (owner node, expiry), in claim order.
+        self._waking: dict[tuple[str, str], dict[str, tuple[str, float]]] = {}
         self._next_sweep = clock.now() + SWEEP_INTERVAL
 
     async def start(self) -> None:
@@ -76,6 +78,8 @@ class MemoryStore:
         devices[device.device_id] = device
         self._bindings[key] = binding
         notices = tuple(n for n in self._notices.pop(key, ()) if n.expires_at > now)
+        live = sorted((until, c, node) for c, (node, until) in self._waking.get(key, {}).items() if until > now)
+        waking = tuple((c, node) for _, c, node in live)
 
         others: list[Device] = []
         for other in list(devices.values()):
@@ -90,7 +94,7 @@ class MemoryStore:
             others.sort(key=lambda d: (d.registered_at, d.device_id))
             for evicted in others[:excess]:
                 self._forget(evicted.user_id, evicted.device_id)
-        return Registered(replaced=replaced, notices=notices)
+        return Registered(replaced=replaced, notices=notices, waking=waking)
 
     async def add_notices(self, user_id: str, notices: Sequence[tuple[str, Notice]]) -> None:
         """See `Store.add_notices`. Notices already expired are not kept."""
@@ -112,10 +116,15 @@ class MemoryStore:
         now = self._clock.now()
         return tuple(n for n in self._notices.pop((user_id, device_id), ()) if n.expires_at > now)
 
-    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
+    async def claim_push(
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+    ) -> bool:
         """See `Store.claim_push`. An expired claim counts as absent."""
         now = self._clock.now()
         self._maybe_sweep(now)
+        if waking is not None:
+            user_id, node_id = waking
+            self._waking.setdefault((user_id, device_id), {})[call_id] = (node_id, now + ttl)
         key = (call_id, device_id)
         held = self._claims.get(key)
         if held is not None and held > now:
@@ -228,6 +237,7 @@ class MemoryStore:
             if not devices:
                 del self._devices[user_id]
         self._bindings.pop((user_id, device_id), None)
+        self._waking.pop((user_id, device_id), None)
         if notices:
             self._notices.pop((user_id, device_id), None)
 
@@ -243,6 +253,11 @@ class MemoryStore:
             del self._calls[call_id]
         for claim in [k for k, expires_at in self._claims.items() if expires_at <= now]:
             del self._claims[claim]
+        for key, calls in list(self._waking.items()):
+            for call_id in [c for c, (_, until) in calls.items() if until <= now]:
+                del calls[call_id]
+            if not calls:
+                del self._waking[key]
         for key, pending in list(self._notices.items()):
             live = [n for n in pending if n.expires_at > now]
             if live:

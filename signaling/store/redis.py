@@ -5,6 +5,7 @@ Key layout (`P` is the prefix, `siplite:` by default; `<user>` and `<call>` are 
     P{<user>}:devs          hash   device_id -> JSON {"registered_at", "push"}      TTL: newest device + device_ttl
     P{<user>}:b:<device_id> string JSON {"conn_id", "node_id", "expires_at"}      TTL: expires_at
     P{<user>}:n:<device_id> list   JSON notices, oldest first                      TTL: latest notice expires_at
+    P{<user>}:w:<device_id> hash   call_id -> JSON {"node", "expires_at"}         TTL: latest expires_at
     Pcall:{<call>}          string JSON call record + "expires_at"               TTL: now + ttl
     Ppush:{<call>}:<device> string the claim's expiry (seconds, as text)         TTL: now + ttl
 
@@ -86,13 +87,14 @@ class _Script:
 _REGISTER = _Script(
     "register",
     """
--- KEYS: devices hash, this device's binding, this device's notices.
+-- KEYS: devices hash, this device's binding, this device's notices, this device's waking calls.
 -- ARGV: device_id, device_json, binding_json, conn_id, now, binding_ttl, max_devices, device_ttl,
---       binding key prefix, gc slack, notices key prefix.
--- Returns {replaced binding or nil, the device's pending notices (taken: the list is deleted)}.
+--       binding key prefix, gc slack, notices key prefix, waking key prefix.
+-- Returns {replaced binding or nil, the device's pending notices (taken: the list is deleted),
+--          HGETALL of its waking calls (left in place; the caller filters expired ones)}.
 local device_id, now = ARGV[1], tonumber(ARGV[5])
 local max_devices, device_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
-local prefix, slack, notices_prefix = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+local prefix, slack, notices_prefix, waking_prefix = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
 
 local replaced = false
 local previous = redis.call('GET', KEYS[2])
@@ -133,7 +135,7 @@ if excess > 0 then
   table.sort(others, older)
   for i = 1, excess do
     redis.call('HDEL', KEYS[1], others[i][1])
-    redis.call('DEL', prefix .. others[i][1], notices_prefix .. others[i][1])
+    redis.call('DEL', prefix .. others[i][1], notices_prefix .. others[i][1], waking_prefix .. others[i][1])
   end
 else
   excess = 0
@@ -147,7 +149,7 @@ redis.call('EXPIRE', KEYS[1], string.format('%d', ttl))
 -- Expired notices are filtered out by the caller, which has the same `now`.
 local notices = redis.call('LRANGE', KEYS[3], 0, -1)
 if #notices > 0 then redis.call('DEL', KEYS[3]) end
-return {replaced, notices}
+return {replaced, notices, redis.call('HGETALL', KEYS[4])}
 """,
 )
 
@@ -194,9 +196,9 @@ return {fields, bindings}
 _FORGET = _Script(
     "forget_device",
     """
--- KEYS: devices hash, binding, notices. ARGV: device_id.
+-- KEYS: devices hash, binding, notices, waking calls. ARGV: device_id.
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return 0
 """,
 )
@@ -251,6 +253,22 @@ _TAKE_NOTICES = _Script(
 local notices = redis.call('LRANGE', KEYS[1], 0, -1)
 if #notices > 0 then redis.call('DEL', KEYS[1]) end
 return notices
+""",
+)
+
+_MARK_WAKING = _Script(
+    "mark_waking",
+    """
+-- KEYS: a device's waking calls. ARGV: call_id, {"node", "expires_at"} JSON, now, gc ttl.
+-- Records the call, drops entries past their expiry, and keeps the hash until its latest entry expires.
+local now = tonumber(ARGV[3])
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if cjson.decode(fields[i + 1]).expires_at <= now then redis.call('HDEL', KEYS[1], fields[i]) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return 0
 """,
 )
 
@@ -312,6 +330,7 @@ _SCRIPTS: Final = (
     _CREATE_CALL,
     _ADD_NOTICES,
     _TAKE_NOTICES,
+    _MARK_WAKING,
     _CLAIM,
     _REJECT_TOKEN,
 )
@@ -358,6 +377,12 @@ class _Keys:
 
     def notices(self, user_id: str, device_id: str) -> str:
         return self.notices_prefix(user_id) + device_id
+
+    def waking_prefix(self, user_id: str) -> str:
+        return f"{self.prefix}{{{_tag(user_id)}}}:w:"
+
+    def waking(self, user_id: str, device_id: str) -> str:
+        return self.waking_prefix(user_id) + device_id
 
     def call(self, call_id: str) -> str:
         return f"{self.prefix}call:{{{_tag(call_id)}}}"
@@ -538,6 +563,8 @@ class RedisStore:
         if device_ttl <= 0:
             raise ValueError("device_ttl must be positive")
         self._clock = clock
+        self.url = url
+        self.prefix = prefix
         self._keys = _Keys(prefix)
         self._device_ttl = device_ttl
         self._where, self._secrets = _describe_url(url)
@@ -584,7 +611,7 @@ class RedisStore:
         check_register_args(binding, device, max_devices)
         now = self._clock.now()
         user_id, device_id = device.user_id, device.device_id
-        ((previous, raw_notices),) = await self._eval(
+        ((previous, raw_notices, raw_waking),) = await self._eval(
             "register",
             _Eval(
                 _REGISTER,
@@ -592,6 +619,7 @@ class RedisStore:
                     self._keys.devices(user_id),
                     self._keys.binding(user_id, device_id),
                     self._keys.notices(user_id, device_id),
+                    self._keys.waking(user_id, device_id),
                 ),
                 (
                     device_id,
@@ -605,6 +633,7 @@ class RedisStore:
                     self._keys.binding_prefix(user_id),
                     GC_SLACK,
                     self._keys.notices_prefix(user_id),
+                    self._keys.waking_prefix(user_id),
                 ),
             ),
         )
@@ -612,7 +641,16 @@ class RedisStore:
         def decode() -> Registered:
             replaced = None if previous is None else _decode_binding(user_id, device_id, previous)
             notices = (_decode_notice(raw) for raw in raw_notices)
-            return Registered(replaced=replaced, notices=tuple(n for n in notices if n.expires_at > now))
+            entries = []
+            for i in range(0, len(raw_waking), 2):
+                value = json.loads(raw_waking[i + 1])
+                if value["expires_at"] > now:
+                    entries.append((float(value["expires_at"]), _text(raw_waking[i]), str(value["node"])))
+            return Registered(
+                replaced=replaced,
+                notices=tuple(n for n in notices if n.expires_at > now),
+                waking=tuple((call_id, node) for _, call_id, node in sorted(entries)),
+            )
 
         return self._decode(decode)
 
@@ -639,17 +677,30 @@ class RedisStore:
         )
         return self._decode(lambda: tuple(n for n in map(_decode_notice, raw_notices) if n.expires_at > now))
 
-    async def claim_push(self, call_id: str, device_id: str, ttl: float) -> bool:
-        """See `Store.claim_push`: one script. The claim's expiry is in the value, measured by the clock."""
+    async def claim_push(
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+    ) -> bool:
+        """See `Store.claim_push`: one script, and with `waking` a second in the same pipeline (the two keys
+        live in different hash slots, so they are not one script). The claim's expiry is in the value."""
         now = self._clock.now()
-        (claimed,) = await self._eval(
-            "claim_push",
+        calls = [
             _Eval(
                 _CLAIM,
                 (self._keys.push_claim(call_id, device_id),),
                 (repr(now), repr(float(now + ttl)), _gc_ttl(ttl)),
-            ),
-        )
+            )
+        ]
+        if waking is not None:
+            user_id, node_id = waking
+            value = _dumps({"node": node_id, "expires_at": now + ttl})
+            calls.append(
+                _Eval(
+                    _MARK_WAKING,
+                    (self._keys.waking(user_id, device_id),),
+                    (call_id, value, repr(now), _gc_ttl(ttl)),
+                )
+            )
+        claimed, *_ = await self._eval("claim_push", *calls)
         return bool(claimed)
 
     async def reject_token(self, user_id: str, device_id: str, token: str, invalid_since: float | None) -> bool:
@@ -716,6 +767,7 @@ class RedisStore:
                     self._keys.devices(user_id),
                     self._keys.binding(user_id, device_id),
                     self._keys.notices(user_id, device_id),
+                    self._keys.waking(user_id, device_id),
                 ),
                 (device_id,),
             ),

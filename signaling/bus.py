@@ -1,0 +1,136 @@
+"""The node bus: how one server process reaches a connection that another process holds.
+
+Every process subscribes to one channel of its own, `P` + `node:{<node_id>}`, and a message for a connection is
+published to the channel of the node its binding names (bindings carry `node_id`, see `signaling.models`). There
+is no coordinator and no sticky routing: the call's owner (the caller's node) talks to each callee device's node
+directly, and any node can find any device through the store.
+
+Why Redis pub/sub and not streams: a message on the bus is a frame for a live socket, useful for a few hundred
+milliseconds and to one process only. Pub/sub delivers it in one hop, in order per publisher, at the cost of one
+PUBLISH, and keeps nothing: a process that is down has lost its sockets too, so there is nobody to replay to, and
+a call whose party is gone is ended by the presence and ring timers, not by a backlog. Streams would add an XADD,
+a blocking XREAD per node, trimming and acknowledgement for durability nobody can use. The one thing pub/sub does
+not give, knowing that a message reached a socket, the protocol gets end to end: a `deliver` that finds no
+connection is answered with `lost` (see `signaling.server`).
+
+Messages are msgpack maps with an `op` and the sending node in `from`; frames for clients travel as the maps
+`signaling.wire.to_map` makes (the receiving connection numbers and encodes them), frames from clients as the
+bytes the client sent. The channel name carries the node id as a Redis Cluster hash tag, ready for sharded
+pub/sub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+import msgpack
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from signaling import log
+from signaling.errors import StoreUnavailable
+
+logger = log.get_logger("signaling.bus")
+
+Message = dict[str, Any]
+Handler = Callable[[Message], Awaitable[None]]
+
+# Seconds between reconnection attempts of a subscriber that lost Redis.
+_RESUBSCRIBE_DELAY: Final = 0.5
+
+
+class Bus(Protocol):
+    """Publish to another node's channel; receive this node's messages, in order, one at a time."""
+
+    async def start(self, node_id: str, handler: Handler) -> None:
+        """Subscribe to `node_id`'s channel; `handler` is awaited for each message, in arrival order."""
+        ...
+
+    async def publish(self, node_id: str, message: Message) -> None:
+        """Send `message` to `node_id`'s channel. Raises `StoreUnavailable` when the bus cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBus:
+    """The bus of a single process (the in-memory store): there is no other node to reach."""
+
+    async def start(self, node_id: str, handler: Handler) -> None:
+        self._node_id = node_id
+        self._handler = handler
+
+    async def publish(self, node_id: str, message: Message) -> None:
+        # Bindings of the in-memory store all name this process; a message for another node has no recipient.
+        if node_id == self._node_id:
+            await self._handler(message)
+        else:
+            logger.warning("bus.no_such_node", node_id=node_id, op=message.get("op"))
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisBus:
+    """The bus over Redis pub/sub, on a client of its own (binary replies; one connection subscribes)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
+        self._prefix = prefix
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def channel(self, node_id: str) -> str:
+        return f"{self._prefix}node:{{{node_id}}}"
+
+    async def start(self, node_id: str, handler: Handler) -> None:
+        self._reader = asyncio.create_task(self._read(self.channel(node_id), handler), name="bus-reader")
+        async with asyncio.timeout(5):
+            await self._subscribed.wait()
+
+    async def publish(self, node_id: str, message: Message) -> None:
+        try:
+            await self._client.publish(self.channel(node_id), msgpack.packb(message))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"bus publish failed: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._client.aclose()
+
+    async def _read(self, channel: str, handler: Handler) -> None:
+        # Re-subscribes by itself after Redis went away: messages published meanwhile are lost (see above).
+        while True:
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    self._subscribed.set()
+                    async for item in pubsub.listen():
+                        if item.get("type") != "message":
+                            continue
+                        await self._handle(item["data"], handler)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                logger.warning("bus.disconnected", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(_RESUBSCRIBE_DELAY)
+
+    async def _handle(self, data: bytes, handler: Handler) -> None:
+        try:
+            message = msgpack.unpackb(data)
+        except (ValueError, msgpack.ExtraData) as exc:
+            logger.error("bus.unreadable", error=str(exc))
+            return
+        if not isinstance(message, dict):
+            logger.error("bus.unreadable", error="not a map")
+            return
+        try:
+            await handler(message)
+        except Exception:
+            logger.exception("bus.handler_crashed", op=message.get("op"))

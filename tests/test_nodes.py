@@ -1,0 +1,207 @@
+"""Several server processes on one Redis act as one: calls whose parties sit on different nodes.
+
+Three nodes run in this process, each a real aiohttp server on its own socket with its own `RedisStore` and its
+own Redis pub/sub bus, all on the one real redis-server; clients connect to whichever node a load balancer
+would have picked. (Real separate processes, kill -9 and restarts are in the crash tests.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import pytest
+
+from push.dev import DevelopmentProvider
+from signaling.client import CallFailed, Client, ClientError
+from signaling.clock import ManualClock
+from signaling.store.redis import RedisStore
+from tests.harness import ANSWER, OFFER, Harness, make_settings, running
+
+PHONE = "0a" * 32
+CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
+
+
+@dataclass
+class Cluster:
+    nodes: dict[str, Harness]
+
+    def __getitem__(self, name: str) -> Harness:
+        return self.nodes[name]
+
+    def pushes(self) -> list[str]:
+        """Every VoIP push any node sent, as "node:call_id:device_id"."""
+        found = []
+        for name, node in self.nodes.items():
+            recorder = node.board.push
+            assert isinstance(recorder, DevelopmentProvider)
+            found += [f"{name}:{r.request.call_id}:{r.request.device_id}" for r in recorder.records]
+        return found
+
+
+@pytest.fixture
+async def cluster(redis_url: str, manual_clock: ManualClock) -> AsyncIterator[Cluster]:
+    async with AsyncExitStack() as stack:
+        nodes = {}
+        for name in ("a", "b", "c"):
+            settings = make_settings(node_id=f"node-{name}")
+            store = RedisStore(redis_url, manual_clock)
+            nodes[name] = await stack.enter_async_context(running(settings, store, manual_clock))
+        yield Cluster(nodes)
+
+
+async def settled(client: Client) -> list[dict[str, object]]:
+    """The frames the server sent this client on its own so far (a keepalive round trip flushes them)."""
+    await client.keepalive()
+    return [f for f in client.pending_events() if f["type"] != "response"]
+
+
+async def test_a_call_between_two_nodes_runs_from_invite_to_bye(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice", name="Alice A.")
+    bob = await cluster["b"].device("bob")
+
+    call = await alice.invite("bob", OFFER, video=True)
+    incoming = await bob.incoming()
+    assert (incoming.call_id, incoming.caller, incoming.caller_name, incoming.sdp, incoming.video) == (
+        call.call_id,
+        "alice",
+        "Alice A.",
+        OFFER,
+        True,
+    )
+    await incoming.ring()
+    assert (await call.next_response())["code"] == 180
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+    assert (await bob.next_event("ice"))["candidate"] == CANDIDATE
+    assert (await incoming.ice("candidate:2 1 udp 1 192.0.2.2 2 typ host"))["code"] == 200  # held until answer
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    assert (await alice.next_event("ice"))["candidate"].startswith("candidate:2 ")
+    await call.ack()
+    await bob.next_event("ack")
+
+    update_task = asyncio.create_task(incoming.update(ANSWER + "a=sendonly\r\n"))
+    update = await alice.next_event("update")
+    await call.answer_update(update, 200, OFFER + "a=recvonly\r\n")
+    assert (await update_task)["sdp"].endswith("a=recvonly\r\n")
+
+    assert (await incoming.hangup())["code"] == 200
+    assert (await alice.next_event("bye"))["reason"] == "remote_hangup"
+    assert not cluster["a"].board.calls
+    assert not cluster["b"].board.bound[("bob", "bob-phone")].remote_calls
+
+
+async def test_devices_on_three_nodes_ring_and_the_first_answer_wins(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    phone = await cluster["a"].device("bob", "bob-phone")
+    tablet = await cluster["b"].device("bob", "bob-tablet")
+    laptop = await cluster["c"].device("bob", "bob-laptop")
+
+    call = await alice.invite("bob", OFFER)
+    on_phone, on_tablet, on_laptop = [await d.incoming() for d in (phone, tablet, laptop)]
+    await on_laptop.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    for device in (phone, tablet):
+        assert (await device.next_event("cancel"))["reason"] == "answered_elsewhere"
+    # The losers are done with the call: what they send about it now is refused.
+    with pytest.raises(ClientError) as refused:
+        await on_tablet.hangup()
+    assert refused.value.code == 481
+    await call.hangup()
+    assert (await laptop.next_event("bye"))["reason"] == "remote_hangup"
+    assert on_phone.call_id == call.call_id
+
+
+async def test_a_decline_on_another_node_declines_everywhere(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    phone = await cluster["b"].device("bob", "bob-phone")
+    tablet = await cluster["c"].device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    await (await phone.incoming()).reject(603)
+    await tablet.incoming()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 603
+    assert (await tablet.next_event("cancel"))["reason"] == "declined_elsewhere"
+
+
+async def test_a_callee_whose_socket_closes_on_its_node_fails_the_call_at_once(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    bob = await cluster["b"].device("bob")
+    call = await alice.invite("bob", OFFER)
+    await bob.incoming()
+    await bob.close()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    assert failed.value.code == 480
+
+
+async def test_a_phone_woken_on_another_node_gets_the_held_call_and_answers(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    binding = await cluster["b"].asleep("bob", "bob-phone", PHONE)
+    call = await alice.invite("bob", OFFER)
+    assert (await call.next_response())["stage"] == "push_sent"
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+
+    phone = await cluster["c"].device("bob", "bob-phone", push=binding)  # the load balancer picked node c
+    incoming = await phone.incoming()
+    assert (incoming.call_id, incoming.sdp) == (call.call_id, OFFER)
+    assert (await phone.next_event("ice"))["candidate"] == CANDIDATE
+    kinds = [(f["type"], f.get("method")) for f in phone.history]
+    assert kinds[:3] == [("response", "register"), ("invite", None), ("ice", None)]
+    assert (await call.next_response())["stage"] == "callee_connected"
+
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    await call.ack()
+    await phone.next_event("ack")
+    assert cluster.pushes() == [f"a:{call.call_id}:bob-phone"]  # one push, from the call's owner
+
+    # Registering again on yet another node (a token refresh from a new socket) does not ring it twice.
+    again = await cluster["b"].device("bob", "bob-phone", push=binding)
+    assert [f for f in await settled(again) if f["type"] == "invite"] == []
+
+
+async def test_a_phone_woken_on_another_node_after_the_caller_cancelled_is_told_ended(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    binding = await cluster["b"].asleep("bob", "bob-phone", PHONE)
+    call = await alice.invite("bob", OFFER)
+    assert (await call.next_response())["stage"] == "push_sent"
+    assert (await call.cancel())["code"] == 200
+
+    phone = await cluster["c"].device("bob", "bob-phone", push=binding)
+    frames = await settled(phone)
+    assert [(f["type"], f.get("reason")) for f in frames] == [("ended", "remote_ended"), ("missed", None)]
+
+
+async def test_a_device_registering_on_another_node_takes_its_ringing_call_along(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    old = await cluster["b"].device("bob", "bob-phone")
+    call = await alice.invite("bob", OFFER)
+    await old.incoming()
+
+    # The phone moved from Wi-Fi to LTE while ringing and reconnected through node c.
+    new = await cluster["c"].device("bob", "bob-phone")
+    assert (await old.wait_closed()).code == 4409
+    incoming = await new.incoming()
+    assert incoming.call_id == call.call_id
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    assert cluster.pushes() == []
+
+
+async def test_no_stranger_on_another_node_can_touch_a_call(cluster: Cluster) -> None:
+    alice = await cluster["a"].device("alice")
+    bob = await cluster["b"].device("bob")
+    mallory = await cluster["b"].device("mallory")
+    call = await alice.invite("bob", OFFER)
+    await bob.incoming()
+    for method in ("bye", "cancel", "ice"):
+        with pytest.raises(ClientError) as refused:
+            await mallory.request(method, call_id=call.call_id, candidate=CANDIDATE if method == "ice" else None)
+        assert refused.value.code == 481
+    await mallory.send({"type": "response", "seq": 1, "method": "invite", "call_id": call.call_id, "code": 180})
+    assert (await mallory.next_event("error"))["code"] == 481
+    assert call.responses[-1]["code"] == 100  # the caller heard nothing of it
