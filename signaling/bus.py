@@ -83,6 +83,11 @@ class RedisBus:
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
+    @property
+    def subscribed(self) -> asyncio.Event:
+        """Set while this node's channel is subscribed; cleared while Redis is out of reach."""
+        return self._subscribed
+
     def channel(self, node_id: str) -> str:
         return f"{self._prefix}node:{{{node_id}}}"
 
@@ -118,7 +123,9 @@ class RedisBus:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                logger.warning("bus.disconnected", error=f"{type(exc).__name__}: {exc}")
+                if self._subscribed.is_set():
+                    logger.warning("bus.disconnected", error=f"{type(exc).__name__}: {exc}")
+                self._subscribed.clear()
                 await asyncio.sleep(_RESUBSCRIBE_DELAY)
 
     async def _handle(self, data: bytes, handler: Handler) -> None:

@@ -62,6 +62,8 @@ class CloseCode(IntEnum):
     REPLACED = 4409
 
 
+# The retry hint of a 503 `store_unavailable`: the store (Redis) is down or restarting.
+_STORE_RETRY_AFTER: Final = 2.0
 # How long past the ring timeout a call record outlives a call nobody cleaned up (for example a crashed node).
 _RECORD_SLACK: Final = 30.0
 # An app woken by a push just before the ring deadline still hears that the call ended if it connects this soon.
@@ -304,7 +306,23 @@ class Switchboard:
             Binding(user, device, c.conn_id, self.node_id, now + ttl) for (user, device), c in self.bound.items()
         ]
         if live:
-            await self.store.refresh(live)
+            lost = await self.store.refresh(live)
+            for binding in lost:
+                await self._restore(binding)
+
+    async def _restore(self, binding: Binding) -> None:
+        """Register again a live connection whose binding the store lost (Redis restarted empty, or this node
+        could not refresh it in time), with its push binding, and hand it anything queued for it."""
+        conn = self.bound.get((binding.user_id, binding.device_id))
+        if conn is None or conn.conn_id != binding.conn_id or conn.closing:
+            return
+        device = Device(binding.user_id, binding.device_id, conn.push, self.clock.now())
+        registered = await self.store.register(binding, device, self.settings.max_devices_per_user)
+        logger.info(
+            "presence.restored", user_id=binding.user_id, device_id=binding.device_id, conn_id=conn.conn_id
+        )
+        for notice in registered.notices:
+            await conn.send(_notice_frame(notice))
 
     # ------------------------------------------------------------------------------------------ connections
 
@@ -497,6 +515,7 @@ class Switchboard:
             await self._reject(sender, frame, exc)
         except StoreUnavailable as exc:
             logger.error("store.unavailable", error=str(exc))
+            exc.extra.setdefault("retry_after", _STORE_RETRY_AFTER)
             await self._reject(sender, frame, exc)
         except Exception:
             logger.exception("frame.crashed", conn_id=sender.conn_id, user_id=sender.user_id)
@@ -1135,6 +1154,23 @@ def build_bus(store: Store) -> Bus:
     if isinstance(store, RedisStore):
         return RedisBus(store.url, store.prefix)
     return LocalBus()
+
+
+# The setting behind each `ApnsConfig` field, so a `PushConfigError` can name what the operator sets.
+APNS_SETTINGS: Final[dict[str, str]] = {
+    "key_file": "apns_key_file",
+    "key_id": "apns_key_id",
+    "team_id": "apns_team_id",
+    "cert_file": "apns_cert_file",
+    "ca_file": "apns_ca_file",
+    "production_host": "apns_production_host",
+    "sandbox_host": "apns_sandbox_host",
+    "production_port": "apns_port",
+    "sandbox_port": "apns_port",
+    "request_timeout": "push_timeout",
+    "max_in_flight": "push_max_in_flight",
+    "keepalive_interval": "apns_keepalive",
+}
 
 
 def build_push(settings: Settings, clock: Clock) -> PushProvider:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+import aiohttp
 import pytest
 
 from push.dev import DevelopmentProvider
+from signaling.bus import RedisBus
 from signaling.client import CallFailed, Client, ClientError
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
+from tests.redis_server import RedisServer
 
 PHONE = "0a" * 32
 CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
@@ -41,15 +44,21 @@ class Cluster:
         return found
 
 
+@asynccontextmanager
+async def nodes(url: str, clock: ManualClock, names: tuple[str, ...] = ("a", "b", "c")) -> AsyncIterator[Cluster]:
+    async with AsyncExitStack() as stack:
+        running_nodes = {}
+        for name in names:
+            settings = make_settings(node_id=f"node-{name}")
+            store = RedisStore(url, clock)
+            running_nodes[name] = await stack.enter_async_context(running(settings, store, clock))
+        yield Cluster(running_nodes)
+
+
 @pytest.fixture
 async def cluster(redis_url: str, manual_clock: ManualClock) -> AsyncIterator[Cluster]:
-    async with AsyncExitStack() as stack:
-        nodes = {}
-        for name in ("a", "b", "c"):
-            settings = make_settings(node_id=f"node-{name}")
-            store = RedisStore(redis_url, manual_clock)
-            nodes[name] = await stack.enter_async_context(running(settings, store, manual_clock))
-        yield Cluster(nodes)
+    async with nodes(redis_url, manual_clock) as running_nodes:
+        yield running_nodes
 
 
 async def settled(client: Client) -> list[dict[str, object]]:
@@ -205,3 +214,51 @@ async def test_no_stranger_on_another_node_can_touch_a_call(cluster: Cluster) ->
     await mallory.send({"type": "response", "seq": 1, "method": "invite", "call_id": call.call_id, "code": 180})
     assert (await mallory.next_event("error"))["code"] == 481
     assert call.responses[-1]["code"] == 100  # the caller heard nothing of it
+
+
+# ---------------------------------------------------------------------------------------------- Redis restarts
+
+
+async def test_a_redis_restart_is_ridden_out_and_every_node_restores_itself(manual_clock: ManualClock) -> None:
+    with RedisServer() as redis_server:
+        async with nodes(redis_server.url, manual_clock, ("a", "b")) as cluster:
+            alice = await cluster["a"].device("alice")
+            bob = await cluster["b"].device("bob")
+            carol = await cluster["a"].device("carol")
+            call = await alice.invite("bob", OFFER)
+            await (await bob.incoming()).answer(ANSWER)
+            await call.answered()
+            await call.ack()
+
+            redis_server.stop()
+            # New calls are refused with a hint to retry; readiness says so; every socket stays up.
+            with pytest.raises(CallFailed) as refused:
+                await (await carol.invite("bob", OFFER)).answered()
+            assert (refused.value.code, refused.value.response["error"]) == (503, "store_unavailable")
+            assert refused.value.response["retry_after"] > 0
+            for node in cluster.nodes.values():
+                async with aiohttp.ClientSession() as http, http.get(node.url.replace("/ws", "/readyz")) as ready:
+                    assert ready.status == 503
+            for client in (alice, bob, carol):
+                assert (await client.keepalive())["code"] == 200
+
+            redis_server.start()  # the same port, and empty: Redis keeps nothing on disk here
+            for node in cluster.nodes.values():
+                bus = node.board.bus
+                assert isinstance(bus, RedisBus)
+                async with asyncio.timeout(10):
+                    await bus.subscribed.wait()
+            manual_clock.advance(cluster["a"].settings.presence_ttl / 3)
+            for node in cluster.nodes.values():
+                assert node.board.last_sweep is not None
+                await node.board.last_sweep
+
+            store = cluster["a"].board.store
+            for user in ("alice", "bob", "carol"):
+                assert [b.device_id for b in (await store.presence(user)).bindings] == [f"{user}-phone"]
+            # The call that was up all along still relays across nodes, and new calls go through.
+            assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+            assert (await bob.next_event("ice"))["candidate"] == CANDIDATE
+            second = await carol.invite("bob", OFFER)
+            incoming = await bob.incoming()
+            assert incoming.call_id == second.call_id

@@ -332,7 +332,8 @@ async def test_refresh_extends_owned_bindings_and_ignores_the_rest(
         make_binding(manual_clock, "alice", "ipad", "c9", ttl=60),  # never the owner
         make_binding(manual_clock, "dave", "phone", "c6", ttl=60),  # never registered
     ]
-    await store.refresh([*extended, *ignored])
+    # Only the binding with no live owner at all is reported lost; carol's phone moved to c5.
+    assert await store.refresh([*extended, *ignored]) == [ignored[2]]
     manual_clock.advance(30)  # past the original expiry, before the new one
 
     assert (await store.presence("alice")).bindings == (extended[0],)
@@ -345,13 +346,14 @@ async def test_refresh_does_not_revive_an_expired_binding(store: Store, manual_c
     await register(store, manual_clock, conn_id="c1", ttl=10)
     manual_clock.advance(10)
 
-    await store.refresh([make_binding(manual_clock, conn_id="c1", ttl=60)])
+    lost = make_binding(manual_clock, conn_id="c1", ttl=60)
+    assert await store.refresh([lost]) == [lost]  # reported, for the caller to register again
 
     assert (await store.presence("alice")).bindings == ()
 
 
 async def test_refresh_of_nothing_is_a_no_op(store: Store) -> None:
-    await store.refresh([])
+    assert await store.refresh([]) == []
 
 
 async def test_max_devices_evicts_the_least_recently_registered(store: Store, manual_clock: ManualClock) -> None:

@@ -111,8 +111,12 @@ class Store(Protocol):
         """Remove the live binding of (user, device) if it still belongs to `conn_id`; True if removed."""
         ...
 
-    async def refresh(self, bindings: Sequence[Binding]) -> None:
-        """Move each binding's expiry to its new `expires_at`, for bindings still owned by their connection."""
+    async def refresh(self, bindings: Sequence[Binding]) -> list[Binding]:
+        """Move each binding's expiry to its new `expires_at`, for bindings still owned by their connection.
+
+        Returns the bindings the store had lost: no live binding at all for their device (it expired, or the
+        store restarted empty), so the caller can register them again. A binding another connection owns now is
+        neither refreshed nor returned: the device moved."""
         ...
 
     async def presence(self, user_id: str) -> Presence: ...

@@ -167,15 +167,19 @@ class MemoryStore:
         del self._bindings[key]
         return current.expires_at > now
 
-    async def refresh(self, bindings: Sequence[Binding]) -> None:
-        """See `Store.refresh`. A binding that has already expired is not revived: re-register instead."""
+    async def refresh(self, bindings: Sequence[Binding]) -> list[Binding]:
+        """See `Store.refresh`. A binding that has already expired is not revived here: it is returned."""
         now = self._clock.now()
         self._maybe_sweep(now)
+        lost: list[Binding] = []
         for binding in bindings:
             key = (binding.user_id, binding.device_id)
             current = self._bindings.get(key)
-            if current is not None and current.conn_id == binding.conn_id and current.expires_at > now:
+            if current is None or current.expires_at <= now:
+                lost.append(binding)
+            elif current.conn_id == binding.conn_id:
                 self._bindings[key] = binding
+        return lost
 
     async def presence(self, user_id: str) -> Presence:
         """See `Store.presence`. Devices are ordered by device id; bindings follow their devices."""

@@ -171,10 +171,12 @@ _REFRESH = _Script(
     "refresh",
     """
 -- KEYS: binding. ARGV: conn_id, binding_json, ttl, now. Replaces only a live binding owned by conn_id.
+-- Returns 1 when refreshed, 0 when another connection owns it, -1 when there is no live binding at all.
 local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
+if not current then return -1 end
 local b = cjson.decode(current)
-if b.conn_id ~= ARGV[1] or b.expires_at <= tonumber(ARGV[4]) then return 0 end
+if b.expires_at <= tonumber(ARGV[4]) then return -1 end
+if b.conn_id ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """,
@@ -734,12 +736,13 @@ class RedisStore:
         )
         return bool(removed)
 
-    async def refresh(self, bindings: Sequence[Binding]) -> None:
-        """See `Store.refresh`: one pipeline of compare-and-set scripts. Expired bindings are not revived."""
+    async def refresh(self, bindings: Sequence[Binding]) -> list[Binding]:
+        """See `Store.refresh`: one pipeline of compare-and-set scripts. Expired bindings are not revived here:
+        they are returned."""
         if not bindings:
-            return
+            return []
         now = self._clock.now()
-        await self._eval(
+        replies = await self._eval(
             "refresh",
             *(
                 _Eval(
@@ -750,6 +753,7 @@ class RedisStore:
                 for b in bindings
             ),
         )
+        return [b for b, reply in zip(bindings, replies, strict=True) if int(reply) < 0]
 
     async def presence(self, user_id: str) -> Presence:
         """See `Store.presence`: one script. Devices are ordered by device id; bindings follow their devices."""
