@@ -113,6 +113,14 @@ async def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
         ({"SIPLITE_JWT_SECRET": "short"}, "SIPLITE_JWT_SECRET"),
         ({"SIPLITE_HOST": "0.0.0.0"}, "no JWT key configured"),  # noqa: S104 - refusing it is the point
         ({"SIPLITE_REDIS_URL": "http://x"}, "SIPLITE_REDIS_URL"),
+        (
+            {"SIPLITE_APNS_KEY_FILE": "/nonexistent/AuthKey.p8"},
+            "SIPLITE_APNS_KEY_FILE: APNs key_file: cannot read",
+        ),
+        (
+            {"SIPLITE_APNS_CERT_FILE": "/nonexistent/c.pem", "SIPLITE_APNS_KEEPALIVE": "-1"},
+            "SIPLITE_APNS_KEEPALIVE",
+        ),
     ],
 )
 async def test_bad_configuration_exits_2_naming_the_setting(extra: dict[str, str], message: str) -> None:
