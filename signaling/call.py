@@ -29,6 +29,8 @@ from signaling.wire import (
     InviteOffer,
     Method,
     Outbound,
+    PeerNotice,
+    PeerState,
     Response,
     Stage,
     UpdateRelay,
@@ -66,6 +68,7 @@ class TimerKind(StrEnum):
     RING = "ring"  # no answer by the ring timeout: 408
     UPDATE = "update"  # the other party never answered an UPDATE: 408 to its sender
     LEG_ACK = "leg_ack"  # an online device did not acknowledge the INVITE in time: treat it as asleep
+    REATTACH = "reattach"  # a party of an answered call lost its socket and did not come back in time
 
 
 # ---------------------------------------------------------------------------------------------- events (facts)
@@ -175,6 +178,13 @@ class DeviceConnected:
     device_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class PartyReattached:
+    """A party of an answered call (the caller for None) registered again on a new connection."""
+
+    device_id: str | None
+
+
 Event = (
     LegProgressed
     | LegAnswered
@@ -191,6 +201,7 @@ Event = (
     | PushAccepted
     | PushFailed
     | DeviceConnected
+    | PartyReattached
 )
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     LegProgressed,
@@ -208,6 +219,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     PushAccepted,
     PushFailed,
     DeviceConnected,
+    PartyReattached,
 )
 
 # ---------------------------------------------------------------------------------------------- effects (commands)
@@ -327,6 +339,8 @@ class Timeouts:
     update: float = 30.0
     # An online device that does not acknowledge the INVITE within this is treated as asleep and pushed.
     ack_grace: float = 2.0
+    # A party of an answered call whose socket drops has this long to come back before the call ends (0: none).
+    reattach: float = 15.0
 
 
 class Call:
@@ -376,6 +390,8 @@ class Call:
         self.progress_sent = False
         self.push_reported = False
         self.connect_reported = False
+        # Parties of the answered call whose socket dropped, waiting to re-attach (None is the caller).
+        self.detached: set[str | None] = set()
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -472,6 +488,7 @@ class Call:
         self.state = CallState.ENDED
         self.pending_update = None
         effects += [StopTimer(TimerKind.LEG_ACK, d) for d, leg in self.legs.items() if leg.pushable]
+        effects += [StopTimer(TimerKind.REATTACH, party) for party in self.detached]
         return [*effects, CallFinished(reason, code)]
 
     def _acknowledged(self, leg: Leg) -> list[Effect]:
@@ -539,11 +556,11 @@ class Call:
         return []
 
     def _on_answered_timer(self, e: TimerFired, now: float) -> list[Effect]:
-        return self._on_update_timer(e, now) if e.kind is TimerKind.UPDATE else []
-
-    def _on_stale_timer(self, e: TimerFired, now: float) -> list[Effect]:
-        """A timer that fired as the call moved on (its StopTimer raced it): nothing to do."""
-        return []
+        if e.kind is TimerKind.UPDATE:
+            return self._on_update_timer(e, now)
+        if e.kind is TimerKind.REATTACH:
+            return self._on_reattach_timer(e, now)
+        return []  # a ring or grace timer that fired as the call moved on (its StopTimer raced it)
 
     def _leg_any(self, device_id: str, *allowed: LegState) -> Leg:
         leg = self.legs.get(device_id)
@@ -683,8 +700,42 @@ class Call:
         device_id = e.device_id if isinstance(e, LegLost) else None
         if device_id is not None and device_id != self.answered_by:
             return self._on_leg_lost(e, now) if isinstance(e, LegLost) else []
-        bye = ByeNotice(self.call_id, EndReason.PEER_GONE)
-        return [self._to_other_side(device_id, bye), *self._finish(EndReason.PEER_GONE, None)]
+        if self.timeouts.reattach <= 0:
+            bye = ByeNotice(self.call_id, EndReason.PEER_GONE)
+            return [self._to_other_side(device_id, bye), *self._finish(EndReason.PEER_GONE, None)]
+        if device_id in self.detached:
+            return []
+        self.detached.add(device_id)
+        effects: list[Effect] = [StartTimer(TimerKind.REATTACH, now + self.timeouts.reattach, device_id)]
+        if self._other(device_id) not in self.detached:
+            effects.append(self._to_other_side(device_id, PeerNotice(self.call_id, PeerState.RECONNECTING)))
+        return effects
+
+    def _other(self, party: str | None) -> str | None:
+        """The other party of the answered call: the answering device for the caller (None), and back."""
+        return self.answered_by if party is None else None
+
+    def _on_reattached(self, e: PartyReattached, now: float) -> list[Effect]:
+        party = e.device_id
+        if party is not None and party != self.answered_by:
+            raise NoSuchCall("this device is no party of the call")
+        if party not in self.detached:
+            return []  # it moved to a new socket before the old one was seen to drop: nothing was missed
+        self.detached.discard(party)
+        effects: list[Effect] = [StopTimer(TimerKind.REATTACH, party)]
+        if self._other(party) in self.detached:
+            return [*effects, self._to_sender(party, PeerNotice(self.call_id, PeerState.RECONNECTING))]
+        connected = PeerNotice(self.call_id, PeerState.CONNECTED)
+        return [*effects, self._to_other_side(party, connected), self._to_sender(party, connected)]
+
+    def _on_reattach_timer(self, e: TimerFired, now: float) -> list[Effect]:
+        party = e.device_id
+        if party not in self.detached:
+            return []
+        effects: list[Effect] = []
+        if self._other(party) not in self.detached:
+            effects.append(self._to_other_side(party, ByeNotice(self.call_id, EndReason.PEER_GONE)))
+        return effects + self._finish(EndReason.PEER_GONE, None)
 
     def _on_update(self, e: UpdateReceived, now: float) -> list[Effect]:
         self._check_party(e)
@@ -751,7 +802,9 @@ TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
     (_E, DeviceConnected): Call._on_ignored,
     (_A, LegAnswered): Call._on_late_answer,  # type: ignore[dict-item]
     (_A, LegRejected): Call._on_late_reject,  # type: ignore[dict-item]
-    (_A, TimerFired): Call._on_stale_timer,  # type: ignore[dict-item]
+    (_A, TimerFired): Call._on_answered_timer,  # type: ignore[dict-item]
+    (_A, PartyReattached): Call._on_reattached,  # type: ignore[dict-item]
+    (_E, PartyReattached): Call._on_reattached,  # type: ignore[dict-item]
     (_A, CallerAcked): Call._on_ack,  # type: ignore[dict-item]
     (_A, HangupReceived): Call._on_hangup,  # type: ignore[dict-item]
     (_A, CallerLost): Call._on_party_lost,  # type: ignore[dict-item]

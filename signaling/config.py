@@ -52,6 +52,9 @@ class Settings:
     # Seconds an online device has to acknowledge an INVITE (any response) before it is treated as asleep and
     # woken with a VoIP push, once.
     ack_grace: float = 2.0
+    # Seconds a party of an answered call whose socket dropped has to register again (on any node) before the
+    # call ends for the other party; 0 ends it at once.
+    reattach_grace: float = 15.0
     # Seconds a missed call waits for the device's next registration.
     missed_call_ttl: float = 7 * 86400.0
     # Also send an alert push (not VoIP) to a device's alert token when it misses a call.
@@ -131,6 +134,8 @@ class Settings:
             "push_timeout",
             "push_max_in_flight",
         )
+        if self.reattach_grace < 0:
+            raise ConfigError("SIPLITE_REATTACH_GRACE must be 0 or more")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"SIPLITE_{name.upper()} must be greater than 0")

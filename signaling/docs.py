@@ -43,6 +43,7 @@ TRIGGERS: Final[dict[str, str]] = {
     "PushAccepted": "APNs accepted the VoIP push to a device",
     "PushFailed": "the VoIP push to a device failed (surely, or maybe: a timeout or a lost connection)",
     "DeviceConnected": "a callee device registered on a new connection (woken, or back on a fresh socket)",
+    "PartyReattached": "the caller or the answering device registered again on a new connection (any node)",
 }
 
 # What a handler does, for handlers without a docstring. Wire terms; keep each to a sentence or three.
@@ -76,8 +77,13 @@ SUMMARIES: Final[dict[str, str]] = {
     "answer (then 481 `invalid_state`).",
     "_on_ack": "Relayed to the answering device as `ack`.",
     "_on_hangup": "200 to the sender, `bye` `remote_hangup` to the other party.",
-    "_on_party_lost": "The caller or the answering device is gone: `bye` `peer_gone` to the other party. "
-    "A device that lost the race: nothing.",
+    "_on_party_lost": "The caller or the answering device lost its connection: `peer` `reconnecting` to the "
+    "other party, and `reattach_grace` to come back (with no grace: `bye` `peer_gone` to the other party at "
+    "once). A device that lost the race: nothing.",
+    "_on_reattached": "The party is back: `peer` `connected` to both parties (to the one that came back: "
+    "`reconnecting` if the other is away too). A party that was never seen to drop: nothing.",
+    "_on_answered_timer": "Update timeout: 408 to the pending UPDATE. Re-attach timeout: `bye` `peer_gone` to "
+    "the other party, and the call ends. Any other timer: nothing.",
     "_on_update": "Relayed to the other party as `update`; the update timer starts. While another UPDATE is "
     "pending, either way: 491 `request_pending`.",
     "_on_update_answer": "From the party the UPDATE was relayed to: a 1xx is dropped; a final code is relayed "

@@ -177,7 +177,7 @@ class RemotePeer:
 Party = Connection | RemotePeer
 
 # Frames a device sends about a call it rings for; when another node owns the call they are forwarded there.
-_FORWARDED: Final = (wire.Reply, wire.Ice, wire.Bye, wire.Update)
+_FORWARDED: Final = (wire.Reply, wire.Ice, wire.Bye, wire.Update, wire.Ack, wire.Cancel)
 
 
 def _remote_identity(user_id: str) -> Identity:
@@ -191,7 +191,7 @@ class CallHandle:
 
     call: core.Call
     record: CallRecord
-    caller: Connection
+    caller: Party
     legs: dict[str, Party]
     # Every known device of the callee at INVITE time (push bindings for waking, alert tokens for missed calls).
     devices: dict[str, Device] = field(default_factory=dict)
@@ -225,8 +225,13 @@ class Switchboard:
         # Calls ringing for a device that was pushed and has not connected yet: (user, device) -> call ids.
         self.waking: dict[tuple[str, str], set[str]] = {}
         self.timeouts = core.Timeouts(
-            ring=settings.ring_timeout, update=settings.update_timeout, ack_grace=settings.ack_grace
+            ring=settings.ring_timeout,
+            update=settings.update_timeout,
+            ack_grace=settings.ack_grace,
+            reattach=settings.reattach_grace,
         )
+        # The parties of answered calls this node owns, (user, device) -> call ids: who may re-attach.
+        self.parties: dict[tuple[str, str], set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: TimerHandle | None = None
         # The latest periodic sweep (for tests and shutdown to wait on).
@@ -429,23 +434,36 @@ class Switchboard:
         if not isinstance(frame, _FORWARDED):
             raise ValueError(f"{type(frame).__name__} is not forwarded")
         handle = self.calls.get(message["call"])
-        leg = handle.legs.get(message["device"]) if handle is not None else None
-        # A device that is (no longer) this call's leg on that connection is a stranger here: it gets 481.
-        sender = leg if isinstance(leg, RemotePeer) and leg.conn_id == message["conn"] else self._peer(message)
+        sender = self._remote_party(handle, message) or self._peer(message)
+        # A device that is (no longer) a party of this call on that connection is a stranger here: it gets 481.
         await self._dispatch(sender, frame)
+
+    def _remote_party(self, handle: CallHandle | None, message: Message) -> RemotePeer | None:
+        """The caller or leg of `handle` that the message's connection on another node is, if any."""
+        if handle is None:
+            return None
+        for party in (handle.caller, handle.legs.get(message["device"])):
+            if (
+                isinstance(party, RemotePeer)
+                and party.conn_id == message["conn"]
+                and (party.user_id, party.device_id) == (message["user"], message["device"])
+            ):
+                return party
+        return None
 
     async def _bus_lost(self, message: Message) -> None:
         handle = self.calls.get(message["call"])
-        leg = handle.legs.get(message["device"]) if handle is not None else None
-        if handle is not None and isinstance(leg, RemotePeer) and leg.conn_id == message["conn"]:
-            await self._step(handle, core.LegLost(leg.device_id))
+        party = self._remote_party(handle, message)
+        if handle is None or party is None:
+            return
+        await self._step(handle, core.CallerLost() if party is handle.caller else core.LegLost(party.device_id))
 
     async def _bus_connected(self, message: Message) -> None:
         """A device this node woke for a call registered on another node: offer it the call there. If the call
         has ended, the device may have registered while its notices were being written: hand them over."""
         peer = self._peer(message, message["node"])
         if message["call"] in self.calls:
-            await self._rejoin(peer, message["call"])
+            await self._attach(peer, message["call"])
             return
         for notice in await self.store.take_notices(peer.user_id, peer.device_id):
             await peer.send(_notice_frame(notice))
@@ -462,14 +480,15 @@ class Switchboard:
             message["device"],
             message["to_conn"],
         )
-        ringing = [c for c in conn.legs if c in self.calls]
+        ringing = [c for c in (*conn.legs, *conn.calls) if c in self.calls]
         elsewhere = dict(conn.remote_calls)
         conn.legs.clear()
+        conn.calls.clear()
         conn.remote_calls.clear()
         logger.info("presence.replaced", user_id=moved.user_id, device_id=moved.device_id, conn_id=conn.conn_id)
         await self._drop(conn, CloseCode.REPLACED, "device registered on another connection")
         for call_id in ringing:
-            await self._rejoin(moved, call_id)
+            await self._attach(moved, call_id)
         for call_id, owner in elsewhere.items():
             connected = {"op": "connected", "call": call_id, "user": moved.user_id, "device": moved.device_id}
             await self.publish(owner, {**connected, "conn": moved.conn_id, "node": moved.node_id})
@@ -619,10 +638,11 @@ class Switchboard:
             await conn.send(_notice_frame(notice))
         rejoin: list[str] = []
         if previous is not None and previous is not conn:
-            # Calls ringing on the old socket move to the new one (the device reconnected, or its old socket had
-            # gone stale and it was pushed); the old socket then closes without taking them down.
-            rejoin += [c for c in previous.legs if c in self.calls]
+            # Calls on the old socket move to the new one (the device reconnected, or its old socket had gone
+            # stale and it was pushed); the old socket then closes without taking them down.
+            rejoin += [c for c in (*previous.legs, *previous.calls) if c in self.calls]
             previous.legs.clear()
+            previous.calls.clear()
             logger.info("presence.replaced", user_id=key[0], device_id=key[1], conn_id=previous.conn_id)
             await self._drop(previous, CloseCode.REPLACED, "device registered on another connection")
         elif replaced is not None and replaced.node_id != self.node_id:
@@ -632,14 +652,54 @@ class Switchboard:
             await self.publish(replaced.node_id, {**message, "node": self.node_id, "to_conn": conn.conn_id})
         if first:
             rejoin += sorted(self.waking.pop(key, set()))
-            # Calls another node is waking this device for: ask each owner to offer them here.
+            rejoin += sorted(self.parties.get(key, ()))
+            # Calls another node wakes this device for, or that it is a party of: ask each owner to offer or
+            # re-attach them here, and send what the device says about them there.
             for call_id, owner in registered.waking:
                 if owner != self.node_id:
+                    conn.remote_calls[call_id] = owner
                     connected = {**self._leg_message("connected", conn, call_id), "node": self.node_id}
                     await self.publish(owner, connected)
         for call_id in dict.fromkeys(rejoin):
-            await self._rejoin(conn, call_id)
+            await self._attach(conn, call_id)
         logger.info("presence.registered", user_id=key[0], device_id=key[1], conn_id=conn.conn_id)
+
+    async def _attach(self, party: Party, call_id: str) -> None:
+        """A device that took part in a call, or was being woken for it, registered on a new connection: the
+        call moves to it. A ringing callee device is offered the call again; a party of an answered call is
+        re-attached, and both parties hear of it if it had been seen to drop."""
+        handle = self.calls.get(call_id)
+        if handle is None or party.device_id is None:
+            return
+        call = handle.call
+        if (party.user_id, party.device_id) == (call.caller_user, call.caller_device):
+            old = handle.caller
+            if old.conn_id == party.conn_id:
+                return
+            if isinstance(old, Connection):
+                old.calls.discard(call_id)
+            handle.caller = party
+            if isinstance(party, Connection):
+                party.calls.add(call_id)
+            logger.info("call.reattached", call_id=call_id, user_id=party.user_id, device_id=party.device_id)
+            if call.state is not core.CallState.RINGING:
+                await self._step(handle, core.PartyReattached(None))
+            return
+        if call.state is core.CallState.RINGING:
+            await self._rejoin(party, call_id)
+            return
+        if party.user_id != call.callee_user or party.device_id != call.answered_by:
+            return
+        old_leg = handle.legs.get(party.device_id)
+        if old_leg is not None and old_leg.conn_id == party.conn_id:
+            return
+        if isinstance(old_leg, Connection):
+            old_leg.legs.discard(call_id)
+        handle.legs[party.device_id] = party
+        if isinstance(party, Connection):
+            party.legs.add(call_id)
+        logger.info("call.reattached", call_id=call_id, user_id=party.user_id, device_id=party.device_id)
+        await self._step(handle, core.PartyReattached(party.device_id))
 
     async def _rejoin(self, conn: Party, call_id: str) -> None:
         """Offer a ringing call to a device that just connected (here or on another node): woken by its push,
@@ -868,7 +928,11 @@ class Switchboard:
                     if device_id != effect.device_id and isinstance(leg, Connection):
                         leg.legs.discard(call_id)
                 handle.record = replace(handle.record, phase=CallPhase.ANSWERED, answered_by=effect.device_id)
-                await self._store_quietly(self.store.update_call(handle.record, _ANSWERED_RECORD_TTL))
+                parties = self._parties(handle)
+                for party in parties:
+                    self.parties.setdefault(party, set()).add(call_id)
+                update = self.store.update_call(handle.record, _ANSWERED_RECORD_TTL, parties=parties)
+                await self._store_quietly(update)
             elif isinstance(effect, core.CallFinished):
                 logger.info(
                     "call.ended",
@@ -877,7 +941,10 @@ class Switchboard:
                     code=effect.code,
                     duration_ms=round((self.clock.now() - handle.call.created_at) * 1000),
                 )
-                await self._store_quietly(self.store.close_call(call_id))
+                # The parties' and pushed devices' records of the call go with it.
+                pushed = [(handle.call.callee_user, d) for d, leg in handle.call.legs.items() if leg.pushed]
+                parties = list(dict.fromkeys([*self._parties(handle), *pushed]))
+                await self._store_quietly(self.store.close_call(call_id, parties=parties))
 
     async def _record_notices(self, handle: CallHandle, notices: list[tuple[str, Notice]]) -> None:
         """Queue "ended" and "missed" notices for the callee's devices, then hand them at once to any of those
@@ -988,10 +1055,25 @@ class Switchboard:
 
         self.spawn(send())
 
+    def _parties(self, handle: CallHandle) -> list[tuple[str, str]]:
+        """(user, device) of the caller and of the answering device, once there is one."""
+        call = handle.call
+        keys = [(call.caller_user, call.caller_device)]
+        if call.answered_by is not None:
+            keys.append((call.callee_user, call.answered_by))
+        return keys
+
     def _forget(self, handle: CallHandle) -> None:
         call_id = handle.call.call_id
         self.calls.pop(call_id, None)
-        handle.caller.calls.discard(call_id)
+        if isinstance(handle.caller, Connection):
+            handle.caller.calls.discard(call_id)
+        for key in self._parties(handle):
+            calls = self.parties.get(key)
+            if calls is not None:
+                calls.discard(call_id)
+                if not calls:
+                    del self.parties[key]
         for leg in handle.legs.values():
             if isinstance(leg, Connection):
                 leg.legs.discard(call_id)

@@ -299,6 +299,21 @@ class ByeNotice:
     reason: EndReason
 
 
+class PeerState(StrEnum):
+    """Whether the other party of an answered call holds a connection right now."""
+
+    RECONNECTING = "reconnecting"  # its socket dropped; the call waits `reattach_grace` for it to come back
+    CONNECTED = "connected"  # it is back (or, to a party that just re-attached: it never left)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerNotice:
+    """To a party of an answered call: the other party lost its connection, or is back."""
+
+    call_id: str
+    state: PeerState
+
+
 @dataclass(frozen=True, slots=True)
 class UpdateRelay:
     call_id: str
@@ -322,6 +337,7 @@ Outbound = (
     | ByeNotice
     | UpdateRelay
     | IceRelay
+    | PeerNotice
 )
 # Server requests the client must answer with a `response` frame.
 EXPECTS_REPLY: Final = (InviteOffer, UpdateRelay)
@@ -600,6 +616,9 @@ def to_map(frame: Outbound, seq: int | None = None) -> dict[str, Any]:
     elif isinstance(frame, UpdateRelay):
         out["type"] = "update"
         out["sdp"] = frame.sdp
+    elif isinstance(frame, PeerNotice):
+        out["type"] = "peer"
+        out["state"] = frame.state.value
     else:
         out["type"] = "ice"
         _ice_fields(out, frame.ice)

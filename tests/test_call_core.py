@@ -18,16 +18,21 @@ from signaling.wire import (
     IceCandidate,
     InviteOffer,
     Method,
+    PeerNotice,
+    PeerState,
     Response,
     Stage,
 )
 
 NOW = 1_000.0
+TIMEOUTS = core.Timeouts(ring=60, update=30, ack_grace=2)
 CAND = IceCandidate("candidate:1 1 udp 1 192.0.2.1 1 typ host", "0", 0)
 
 
 def new_call(
-    devices: tuple[str, ...] = ("d1", "d2"), sleeping: tuple[str, ...] = ("d3",)
+    devices: tuple[str, ...] = ("d1", "d2"),
+    sleeping: tuple[str, ...] = ("d3",),
+    timeouts: core.Timeouts = TIMEOUTS,
 ) -> tuple[core.Call, list[core.Effect]]:
     call = core.Call(
         call_id="c1",
@@ -40,7 +45,7 @@ def new_call(
         video=False,
         devices=devices,
         now=NOW,
-        timeouts=core.Timeouts(ring=60, update=30, ack_grace=2),
+        timeouts=timeouts,
         sleeping=sleeping,
         pushable={"d1", *sleeping},
         absent=("d9",),
@@ -72,6 +77,7 @@ def snapshot(call: core.Call) -> tuple[object, ...]:
         tuple(call.caller_candidates),
         call.push_reported,
         call.connect_reported,
+        tuple(sorted(call.detached, key=str)),
         tuple(
             (d, leg.state, leg.code, tuple(leg.candidates), leg.acked, leg.pushed, leg.push_failed)
             for d, leg in sorted(call.legs.items())
@@ -83,6 +89,7 @@ def sample_events(kind: type[core.Event]) -> list[core.Event]:
     """Instances of one event type, from the caller, the ringing devices and a stranger."""
     timers: list[core.Event] = [core.TimerFired(k) for k in core.TimerKind]
     timers.append(core.TimerFired(core.TimerKind.LEG_ACK, "d1"))
+    timers.append(core.TimerFired(core.TimerKind.REATTACH, "d1"))
     samples: dict[type[core.Event], list[core.Event]] = {
         core.LegProgressed: [core.LegProgressed(d, c) for d in ("d1", "d2", "d3", "zz") for c in (100, 180)],
         core.LegAnswered: [core.LegAnswered(d, "answer") for d in ("d1", "d2", "d3", "zz")],
@@ -99,6 +106,7 @@ def sample_events(kind: type[core.Event]) -> list[core.Event]:
         core.PushAccepted: [core.PushAccepted(d) for d in ("d1", "d3")],
         core.PushFailed: [core.PushFailed(d, c) for d in ("d1", "d3") for c in (True, False)],
         core.DeviceConnected: [core.DeviceConnected(d) for d in ("d1", "d3", "zz")],
+        core.PartyReattached: [core.PartyReattached(d) for d in (None, "d1", "d2", "zz")],
     }
     return samples[kind]
 
@@ -304,3 +312,72 @@ def test_all_pushes_failing_gives_a_prompt_480() -> None:
     # The push to d4 may still arrive: d4 will be told the call failed when it connects.
     assert core.RecordEnded("d4", CallKitReason.FAILED) in effects
     assert call.state is core.CallState.ENDED
+
+
+# ---------------------------------------------------------------------------------------------- re-attaching
+
+
+def established() -> core.Call:
+    call = call_in(core.CallState.ESTABLISHED)
+    assert call.answered_by == "d1"
+    return call
+
+
+def test_a_party_whose_socket_drops_has_the_grace_to_come_back_and_the_other_is_told() -> None:
+    call = established()
+    effects = call.handle(core.CallerLost(), NOW)
+    reconnecting = PeerNotice("c1", PeerState.RECONNECTING)
+    assert effects == [
+        core.StartTimer(core.TimerKind.REATTACH, NOW + call.timeouts.reattach, None),
+        core.SendToDevice("d1", reconnecting),
+    ]
+    assert call.state is core.CallState.ESTABLISHED
+
+    effects = call.handle(core.PartyReattached(None), NOW + 3)
+    connected = PeerNotice("c1", PeerState.CONNECTED)
+    assert effects == [
+        core.StopTimer(core.TimerKind.REATTACH, None),
+        core.SendToDevice("d1", connected),
+        core.SendToCaller(connected),
+    ]
+    assert call.handle(core.PartyReattached(None), NOW + 4) == []  # once back, a second notice adds nothing
+    assert call.handle(core.TimerFired(core.TimerKind.REATTACH, None), NOW + 15) == []  # a raced timer
+
+
+def test_a_party_that_does_not_come_back_in_time_ends_the_call_for_the_other() -> None:
+    call = established()
+    call.handle(core.LegLost("d1"), NOW)
+    effects = call.handle(core.TimerFired(core.TimerKind.REATTACH, "d1"), NOW + call.timeouts.reattach)
+    assert effects[0] == core.SendToCaller(ByeNotice("c1", EndReason.PEER_GONE))
+    assert effects[-1] == core.CallFinished(EndReason.PEER_GONE, None)
+    assert call.state is core.CallState.ENDED
+
+
+def test_both_parties_dropping_tell_nobody_and_end_when_the_first_grace_runs_out() -> None:
+    call = established()
+    call.handle(core.LegLost("d1"), NOW)
+    assert call.handle(core.CallerLost(), NOW + 1) == [
+        core.StartTimer(core.TimerKind.REATTACH, NOW + 1 + call.timeouts.reattach, None)
+    ]
+    # The caller comes back first: it learns its peer is still away.
+    assert core.SendToCaller(PeerNotice("c1", PeerState.RECONNECTING)) in call.handle(
+        core.PartyReattached(None), NOW + 2
+    )
+    effects = call.handle(core.TimerFired(core.TimerKind.REATTACH, "d1"), NOW + call.timeouts.reattach)
+    assert core.SendToCaller(ByeNotice("c1", EndReason.PEER_GONE)) in effects
+    assert call.state is core.CallState.ENDED
+
+
+def test_without_a_grace_a_dropped_party_ends_the_call_at_once() -> None:
+    call, _ = new_call(timeouts=core.Timeouts(reattach=0))
+    call.handle(core.LegAnswered("d1", "answer"), NOW)
+    effects = call.handle(core.CallerLost(), NOW)
+    assert core.SendToDevice("d1", ByeNotice("c1", EndReason.PEER_GONE)) in effects
+    assert call.state is core.CallState.ENDED
+
+
+def test_only_the_parties_of_the_answered_call_re_attach() -> None:
+    call = established()
+    call.handle(core.LegLost("d1"), NOW)
+    with pytest.raises(NoSuchCall):
+        call.handle(core.PartyReattached("d2"), NOW)

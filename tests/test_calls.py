@@ -6,8 +6,12 @@ import asyncio
 
 import pytest
 
-from signaling.client import CallFailed, ClientError
-from tests.harness import ANSWER, OFFER, Harness
+from signaling.client import CallFailed, Client, ClientError, OutgoingCall
+from signaling.clock import ManualClock
+from signaling.store import MemoryStore
+from tests.harness import ANSWER, OFFER, Harness, make_settings, running
+
+CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
 
 
 async def test_two_party_call_from_invite_to_bye(sip: Harness) -> None:
@@ -253,7 +257,7 @@ async def test_caller_disconnect_cancels_ringing_devices(sip: Harness) -> None:
     assert (await bob.next_event("cancel"))["reason"] == "caller_gone"
 
 
-async def test_peer_disconnect_ends_an_established_call(sip: Harness) -> None:
+async def established(sip: Harness) -> tuple[Client, Client, OutgoingCall]:
     alice = await sip.device("alice")
     bob = await sip.device("bob")
     call = await alice.invite("bob", OFFER)
@@ -261,9 +265,61 @@ async def test_peer_disconnect_ends_an_established_call(sip: Harness) -> None:
     await incoming.answer(ANSWER)
     await call.answered()
     await call.ack()
+    await bob.next_event("ack")
+    return alice, bob, call
+
+
+async def test_a_peer_that_drops_and_does_not_come_back_ends_the_call_after_the_grace(sip: Harness) -> None:
+    alice, bob, call = await established(sip)
     await bob.close()
+    peer = await alice.next_event("peer")
+    assert (peer["call_id"], peer["state"]) == (call.call_id, "reconnecting")
+    sip.clock.advance(sip.settings.reattach_grace - 0.1)
+    assert [f for f in alice.pending_events() if f["type"] == "bye"] == []
+    sip.clock.advance(0.1)
     bye = await alice.next_event("bye")
     assert (bye["call_id"], bye["reason"]) == (call.call_id, "peer_gone")
+    assert not sip.board.calls
+
+
+async def test_a_callee_whose_socket_drops_mid_call_re_attaches_on_a_new_one(sip: Harness) -> None:
+    alice, bob, call = await established(sip)
+    await bob.close()
+    assert (await alice.next_event("peer"))["state"] == "reconnecting"
+    sip.clock.advance(sip.settings.reattach_grace / 2)
+
+    back = await sip.device("bob")  # the phone moved from Wi-Fi to LTE
+    assert ((await back.next_event("peer"))["call_id"], (await alice.next_event("peer"))["state"]) == (
+        call.call_id,
+        "connected",
+    )
+    sip.clock.advance(sip.settings.reattach_grace)  # the grace timer was stopped
+    # The call goes on: ICE restart and UPDATE reach the new socket, and either side can hang up.
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+    assert (await back.next_event("ice"))["candidate"] == CANDIDATE
+    assert (await back.request("bye", call_id=call.call_id))["code"] == 200
+    assert (await alice.next_event("bye"))["reason"] == "remote_hangup"
+
+
+async def test_a_caller_whose_socket_drops_mid_call_re_attaches_on_a_new_one(sip: Harness) -> None:
+    alice, bob, call = await established(sip)
+    await alice.close()
+    assert (await bob.next_event("peer"))["state"] == "reconnecting"
+    back = await sip.device("alice")
+    assert (await back.next_event("peer"))["state"] == "connected"
+    assert (await bob.next_event("peer"))["state"] == "connected"
+    assert (await back.request("ice", call_id=call.call_id, candidate=CANDIDATE))["code"] == 200
+    assert (await bob.next_event("ice"))["candidate"] == CANDIDATE
+    assert (await back.request("bye", call_id=call.call_id))["code"] == 200
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+
+
+async def test_without_a_reattach_grace_a_dropped_peer_ends_the_call_at_once(manual_clock: ManualClock) -> None:
+    async with running(make_settings(reattach_grace=0), MemoryStore(manual_clock), manual_clock) as sip:
+        alice, bob, call = await established(sip)
+        await bob.close()
+        bye = await alice.next_event("bye")
+        assert (bye["call_id"], bye["reason"]) == (call.call_id, "peer_gone")
 
 
 async def test_last_ringing_device_disconnecting_gives_480(sip: Harness) -> None:

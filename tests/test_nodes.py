@@ -17,7 +17,7 @@ import pytest
 
 from push.dev import DevelopmentProvider
 from signaling.bus import RedisBus
-from signaling.client import CallFailed, Client, ClientError
+from signaling.client import CallFailed, Client, ClientError, OutgoingCall
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
@@ -262,3 +262,61 @@ async def test_a_redis_restart_is_ridden_out_and_every_node_restores_itself(manu
             second = await carol.invite("bob", OFFER)
             incoming = await bob.incoming()
             assert incoming.call_id == second.call_id
+
+
+# ---------------------------------------------------------------------------------------------- network changes
+
+
+async def established(cluster: Cluster, caller_node: str, callee_node: str) -> tuple[Client, Client, OutgoingCall]:
+    alice = await cluster[caller_node].device("alice")
+    bob = await cluster[callee_node].device("bob")
+    call = await alice.invite("bob", OFFER)
+    await (await bob.incoming()).answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    await bob.next_event("ack")
+    return alice, bob, call
+
+
+async def test_a_callee_that_drops_mid_call_re_attaches_through_another_node(cluster: Cluster) -> None:
+    alice, bob, call = await established(cluster, "a", "b")
+    await bob.close()
+    assert (await alice.next_event("peer"))["state"] == "reconnecting"
+
+    back = await cluster["c"].device("bob")
+    assert (await back.next_event("peer"))["state"] == "connected"
+    assert (await alice.next_event("peer"))["state"] == "connected"
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+    assert (await back.next_event("ice"))["candidate"] == CANDIDATE
+    assert (await back.request("ice", call_id=call.call_id, candidate=CANDIDATE))["code"] == 200
+    assert (await alice.next_event("ice"))["candidate"] == CANDIDATE
+    assert (await back.request("bye", call_id=call.call_id))["code"] == 200
+    assert (await alice.next_event("bye"))["reason"] == "remote_hangup"
+    assert not cluster["a"].board.calls
+
+
+async def test_a_caller_that_drops_mid_call_re_attaches_through_another_node(cluster: Cluster) -> None:
+    alice, bob, call = await established(cluster, "a", "b")
+    await alice.close()
+    assert (await bob.next_event("peer"))["state"] == "reconnecting"
+
+    back = await cluster["c"].device("alice")
+    assert (await back.next_event("peer"))["state"] == "connected"
+    assert (await bob.next_event("peer"))["state"] == "connected"
+    update_task = asyncio.create_task(back.request("update", call_id=call.call_id, sdp=OFFER))
+    update = await bob.next_event("update")
+    await bob.send(
+        {
+            "type": "response",
+            "seq": update["seq"],
+            "method": "update",
+            "call_id": call.call_id,
+            "code": 200,
+            "sdp": ANSWER,
+        }
+    )
+    assert (await update_task)["sdp"] == ANSWER
+    await back.close()  # dropped again, for good this time
+    assert (await bob.next_event("peer"))["state"] == "reconnecting"
+    cluster["a"].clock.advance(cluster["a"].settings.reattach_grace)
+    assert (await bob.next_event("bye"))["reason"] == "peer_gone"

@@ -1215,6 +1215,10 @@ async def test_each_operation_sends_one_batch_of_commands(
     assert await plain(lambda: redis_store.update_call(make_call(), 60)) == {"set": 1}
     assert await plain(lambda: redis_store.get_call("call-1")) == {"get": 1}
     assert await plain(lambda: redis_store.close_call("call-1")) == {"del": 1}
+    parties = [("alice", "phone"), ("bob", "ipad")]
+    assert await sent(lambda: redis_store.update_call(make_call(), 60, parties=parties)) == {"evalsha": 3}
+    closing = {"del": 1, "evalsha": 2, "hdel": 2}  # the HDELs run inside the scripts
+    assert await plain(lambda: redis_store.close_call("call-1", parties=parties)) == closing
 
 
 @pytest.fixture
@@ -1305,3 +1309,18 @@ async def test_a_claimed_push_is_seen_as_waking_by_the_devices_next_registration
     await store.forget_device("alice", "phone")
     _, forgotten = await register(store, manual_clock, conn_id="conn-4")
     assert forgotten.waking == ()
+
+
+async def test_the_parties_of_an_answered_call_see_it_until_it_closes(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    record = make_call("call-1")
+    await store.update_call(record, 3600, parties=[("alice", "phone"), ("bob", "ipad")])
+    _, alice = await register(store, manual_clock)
+    _, bob = await register(store, manual_clock, "bob", "ipad")
+    assert alice.waking == bob.waking == (("call-1", record.node_id),)
+
+    await store.close_call("call-1", parties=[("alice", "phone"), ("bob", "ipad")])
+    _, again = await register(store, manual_clock, conn_id="conn-2")
+    assert again.waking == ()
+    assert await store.get_call("call-1") is None

@@ -47,8 +47,9 @@ class Registered:
 
     replaced: Binding | None
     notices: tuple[Notice, ...] = ()
-    # Calls the device was pushed for that may still ring, as (call_id, the node that owns the call), ordered
-    # by expiry then call id: the registering node asks each owner to offer the call (see `claim_push`).
+    # Calls the device was pushed for or is a party of, as (call_id, the node that owns the call), ordered by
+    # expiry then call id: the registering node asks each owner to offer or re-attach the call (see
+    # `claim_push` and `update_call`).
     waking: tuple[tuple[str, str], ...] = ()
 
 
@@ -129,8 +130,17 @@ class Store(Protocol):
         """Create the call record if its id is free, and read the callee's presence, in one round trip."""
         ...
 
-    async def update_call(self, record: CallRecord, ttl: float) -> None: ...
+    async def update_call(
+        self, record: CallRecord, ttl: float, *, parties: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Create or replace the call record; it expires `ttl` seconds from now. Each (user_id, device_id) in
+        `parties` is recorded, for as long, as a party of the call that `record.node_id` owns, so that when it
+        registers again on any node it is re-attached (`Registered.waking`), all in one round trip."""
+        ...
 
     async def get_call(self, call_id: str) -> CallRecord | None: ...
 
-    async def close_call(self, call_id: str) -> None: ...
+    async def close_call(self, call_id: str, *, parties: Sequence[tuple[str, str]] = ()) -> None:
+        """Drop the call record, and the call from each of `parties`' records (see `update_call` and
+        `claim_push`), in one round trip. Closing an unknown call is not an error."""
+        ...

@@ -200,11 +200,15 @@ class MemoryStore:
             self._calls[record.call_id] = _StoredCall(record, now + ttl)
         return CallOpened(created=created, callee=self._presence(record.callee_user, now))
 
-    async def update_call(self, record: CallRecord, ttl: float) -> None:
-        """Create or replace the call record; it expires `ttl` seconds from now."""
+    async def update_call(
+        self, record: CallRecord, ttl: float, *, parties: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """See `Store.update_call`."""
         now = self._clock.now()
         self._maybe_sweep(now)
         self._calls[record.call_id] = _StoredCall(record, now + ttl)
+        for key in parties:
+            self._waking.setdefault(key, {})[record.call_id] = (record.node_id, now + ttl)
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         """The call record, or None if it was never opened, was closed, or has expired."""
@@ -213,9 +217,15 @@ class MemoryStore:
             return None
         return stored.record
 
-    async def close_call(self, call_id: str) -> None:
-        """Drop the call record; closing an unknown call is not an error."""
+    async def close_call(self, call_id: str, *, parties: Sequence[tuple[str, str]] = ()) -> None:
+        """See `Store.close_call`."""
         self._calls.pop(call_id, None)
+        for key in parties:
+            calls = self._waking.get(key)
+            if calls is not None:
+                calls.pop(call_id, None)
+                if not calls:
+                    del self._waking[key]
 
     def _presence(self, user_id: str, now: float) -> Presence:
         devices = tuple(

@@ -274,6 +274,24 @@ return 0
 """,
 )
 
+_UNMARK_CALL = _Script(
+    "unmark_call",
+    """
+-- KEYS: a device's waking calls. ARGV: call_id.
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 0
+""",
+)
+
+_SET_CALL = _Script(
+    "set_call",
+    """
+-- KEYS: call. ARGV: call_json, gc ttl.
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 0
+""",
+)
+
 _CLAIM = _Script(
     "claim",
     """
@@ -333,6 +351,8 @@ _SCRIPTS: Final = (
     _ADD_NOTICES,
     _TAKE_NOTICES,
     _MARK_WAKING,
+    _UNMARK_CALL,
+    _SET_CALL,
     _CLAIM,
     _REJECT_TOKEN,
 )
@@ -795,13 +815,27 @@ class RedisStore:
         callee = self._decode(lambda: self._decode_presence(record.callee_user, reply, now))
         return CallOpened(created=bool(created), callee=callee)
 
-    async def update_call(self, record: CallRecord, ttl: float) -> None:
-        """Create or replace the call record (one SET); it expires `ttl` seconds from now."""
+    async def update_call(
+        self, record: CallRecord, ttl: float, *, parties: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """See `Store.update_call`: one SET, or with `parties` one pipeline of a SET script and one marking
+        script per party."""
         now = self._clock.now()
-        with self._translate("update_call"):
-            await self._client.set(
-                self._keys.call(record.call_id), _encode_call(record, now + ttl), ex=_gc_ttl(ttl)
-            )
+        if not parties:
+            with self._translate("update_call"):
+                await self._client.set(
+                    self._keys.call(record.call_id), _encode_call(record, now + ttl), ex=_gc_ttl(ttl)
+                )
+            return
+        value = _dumps({"node": record.node_id, "expires_at": now + ttl})
+        await self._eval(
+            "update_call",
+            _Eval(_SET_CALL, (self._keys.call(record.call_id),), (_encode_call(record, now + ttl), _gc_ttl(ttl))),
+            *(
+                _Eval(_MARK_WAKING, (self._keys.waking(u, d),), (record.call_id, value, repr(now), _gc_ttl(ttl)))
+                for u, d in parties
+            ),
+        )
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         """The call record (one GET), or None if it was never opened, was closed, or has expired."""
@@ -812,10 +846,22 @@ class RedisStore:
         record, expires_at = self._decode(lambda: _decode_call(raw))
         return record if expires_at > self._clock.now() else None
 
-    async def close_call(self, call_id: str) -> None:
-        """Drop the call record (one DEL); closing an unknown call is not an error."""
+    async def close_call(self, call_id: str, *, parties: Sequence[tuple[str, str]] = ()) -> None:
+        """See `Store.close_call`: one DEL, or with `parties` one pipeline of it and an HDEL script each."""
+        if not parties:
+            with self._translate("close_call"):
+                await self._client.delete(self._keys.call(call_id))
+            return
         with self._translate("close_call"):
-            await self._client.delete(self._keys.call(call_id))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.delete(self._keys.call(call_id))
+            for user_id, device_id in parties:
+                pipe.evalsha(_UNMARK_CALL.sha, 1, self._keys.waking(user_id, device_id), call_id)
+            replies = await pipe.execute(raise_on_error=False)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            await self._eval(
+                "close_call", *(_Eval(_UNMARK_CALL, (self._keys.waking(u, d),), (call_id,)) for u, d in parties)
+            )
 
     # --- internals ---------------------------------------------------------------------------------------------
 
