@@ -15,6 +15,12 @@
 Frames the server sends on its own (incoming INVITEs, CANCEL, BYE, ACK, UPDATE, ICE, error notices) are queued
 as events: `incoming()` takes the next INVITE; `next_event()` takes the next event of any other kind.
 Frames are plain maps, exactly as docs/PROTOCOL.md describes them.
+
+With `Client.connect(url, reconnect=Reconnect(...))`, a connection that drops (the network changed, a server
+process went away) is opened again by itself, with jittered exponential backoff, to the same URL or the next of
+`Reconnect.urls`, and the device registers again as it did last: calls survive (docs/PROTOCOL.md 6.1) and the
+event `{"type": "reconnected", "attempt": n, "url": ...}` is queued. Requests in flight when it dropped get no
+answer (they time out). A close the server means (4401 bad token, 4409 replaced, 1008, 1009) is final.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import aiohttp
 
@@ -93,16 +101,58 @@ class ConnectionClosed(Exception):
 class _Transaction:
     """Responses to one of our requests, provisional and final, in arrival order."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_final: Callable[[Frame], None] | None = None) -> None:
         self.responses: asyncio.Queue[Frame] = asyncio.Queue()
         self.final: Frame | None = None
+        # Run as the final response is read, before any frame after it is queued.
+        self.on_final = on_final
+
+
+# Close codes after which connecting again would not help (docs/PROTOCOL.md 4.3).
+FINAL_CLOSE_CODES: Final = frozenset({1000, 1008, 1009, 4401, 4409})
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """How a client gets its connection back by itself. Delays are `initial * factor**n` seconds, at most
+    `maximum`, each cut by up to half at random (so a crowd that lost one server does not come back at once)."""
+
+    urls: Sequence[str] = ()  # more servers to try, in turn after the one first connected to
+    initial: float = 0.25
+    factor: float = 2.0
+    maximum: float = 5.0
+    attempts: int = 30  # then the client gives up and reports the last close
+    # Called for a fresh token before each new REGISTER; without it the last token is sent again.
+    token: Callable[[], Awaitable[str]] | None = None
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * self.factor ** (attempt - 1)) if attempt > 1 else 0.0
+        return base * random.uniform(0.5, 1.0)
 
 
 class Client:
     """One WebSocket connection to a SIP-lite server. Use `Client.connect()`."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession | None, enc: str):
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        session: aiohttp.ClientSession | None,
+        enc: str,
+        *,
+        url: str = "",
+        protocols: tuple[str, ...] = (),
+        reconnect: Reconnect | None = None,
+        http: aiohttp.ClientSession | None = None,
+    ):
         self._ws = ws
+        self._http = http or session
+        self._url = url
+        self._protocols = protocols
+        self._reconnect = reconnect
+        self._resuming: asyncio.Task[None] | None = None
+        self._closing = False
+        # What the last REGISTER sent, to send again after reconnecting.
+        self._registration: dict[str, Any] | None = None
         self._session = session
         self._encoding = wire.Encoding(enc)
         self._seq = itertools.count(1)
@@ -126,8 +176,10 @@ class Client:
         encoding: str = "msgpack",
         session: aiohttp.ClientSession | None = None,
         protocols: tuple[str, ...] | None = None,
+        reconnect: Reconnect | None = None,
     ) -> Client:
-        """Open a connection; `encoding` is "msgpack" or "json" (the subprotocol is chosen from it)."""
+        """Open a connection; `encoding` is "msgpack" or "json" (the subprotocol is chosen from it). With
+        `reconnect`, the connection comes back by itself when it drops (see the module docstring)."""
         own = session is None
         http = session or aiohttp.ClientSession()
         subprotocols = protocols if protocols is not None else (f"siplite.v1.{encoding}",)
@@ -137,7 +189,9 @@ class Client:
             if own:
                 await http.close()
             raise
-        return cls(ws, http if own else None, encoding)
+        return cls(
+            ws, http if own else None, encoding, url=url, protocols=subprotocols, reconnect=reconnect, http=http
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -163,16 +217,72 @@ class Client:
         await self.send_raw(self._encode(frame))
 
     async def _read(self) -> None:
+        ws = self._ws
         try:
-            async for msg in self._ws:
+            async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.BINARY or msg.type is aiohttp.WSMsgType.TEXT:
                     frame = wire.loads(msg.data)
                     if isinstance(frame, dict):
                         self.history.append(frame)
                         self._dispatch(frame)
         finally:
-            if not self._closed.done():
-                self._closed.set_result(ConnectionClosed(self._ws.close_code, str(self._ws.exception() or "")))
+            closed = ConnectionClosed(ws.close_code, str(ws.exception() or ""))
+            if self._resuming is not None and not self._resuming.done():
+                pass  # a connection opened while resuming failed: the resuming task tries the next one
+            elif self._should_resume(closed):
+                self._resuming = asyncio.get_running_loop().create_task(self._resume(closed))
+            elif not self._closed.done():
+                self._closed.set_result(closed)
+
+    def _should_resume(self, closed: ConnectionClosed) -> bool:
+        return (
+            self._reconnect is not None
+            and not self._closing
+            and self._registration is not None
+            and closed.code not in FINAL_CLOSE_CODES
+            and not self._closed.done()
+        )
+
+    async def _resume(self, closed: ConnectionClosed) -> None:
+        """Connect again with backoff, register as before, and queue a "reconnected" event; or give up."""
+        policy = self._reconnect
+        assert policy is not None and self._registration is not None
+        urls = [self._url, *(u for u in policy.urls if u != self._url)]
+        http = self._http
+        assert http is not None
+        for attempt in range(1, policy.attempts + 1):
+            await asyncio.sleep(policy.delay(attempt))
+            if self._closing:
+                break
+            url = urls[(attempt - 1) % len(urls)]
+            try:
+                ws = await http.ws_connect(url, protocols=self._protocols, autoping=True, max_msg_size=1 << 22)
+            except (aiohttp.ClientError, OSError) as exc:
+                closed = ConnectionClosed(None, f"reconnect to {url} failed: {exc}")
+                continue
+            self._ws = ws
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+            registration = dict(self._registration)
+            if policy.token is not None:
+                registration["token"] = await policy.token()
+            event = {"type": "reconnected", "attempt": attempt, "url": url}
+
+            def announce(response: Frame, event: Frame = event) -> None:
+                # Queued as the 200 is read, so it comes before what the server sends after it (peer, ...).
+                if response.get("code") == 200:
+                    self._events.put_nowait(event)
+
+            try:
+                await self.final(await self.start_request("register", on_final=announce, **registration))
+            except ClientError as exc:
+                closed = ConnectionClosed(exc.code, "REGISTER refused after reconnecting")
+                break
+            except (TimeoutError, ConnectionClosed, ConnectionError):
+                continue  # this connection failed as well; the reader has started the next attempt or not
+            self._url = url
+            return
+        if not self._closed.done():
+            self._closed.set_result(closed)
 
     def _dispatch(self, frame: Frame) -> None:
         kind = frame.get("type")
@@ -182,6 +292,8 @@ class Client:
                 txn.responses.put_nowait(frame)
                 if frame.get("code", 0) >= 200:
                     txn.final = frame
+                    if txn.on_final is not None:
+                        txn.on_final(frame)
                 return
             self._events.put_nowait(frame)
         elif kind == "invite":
@@ -209,9 +321,11 @@ class Client:
         txn = await self.start_request(kind, **fields)
         return await self.final(txn, timeout=timeout)
 
-    async def start_request(self, kind: str, **fields: Any) -> _Transaction:
+    async def start_request(
+        self, kind: str, *, on_final: Callable[[Frame], None] | None = None, **fields: Any
+    ) -> _Transaction:
         seq = next(self._seq)
-        txn = _Transaction()
+        txn = _Transaction(on_final)
         self._transactions[seq] = txn
         await self.send({"type": kind, "seq": seq, **{k: v for k, v in fields.items() if v is not None}})
         return txn
@@ -236,6 +350,7 @@ class Client:
     ) -> Frame:
         """Authenticate and bind this device. With `keepalive`, refresh the registration in the background."""
         response = await self.request("register", token=token, device_id=device_id, push=push)
+        self._registration = {"token": token, "device_id": device_id, "push": push}
         self.user = response["user"]
         self.device_id = device_id
         if keepalive and self._keepalive is None:
@@ -297,6 +412,9 @@ class Client:
         return self._closed.done()
 
     async def close(self) -> None:
+        self._closing = True
+        if self._resuming is not None:
+            self._resuming.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
         await self._ws.close()

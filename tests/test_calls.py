@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from signaling.client import CallFailed, Client, ClientError, OutgoingCall
+from signaling.client import CallFailed, Client, ClientError, OutgoingCall, Reconnect
 from signaling.clock import ManualClock
 from signaling.store import MemoryStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
+from tests.netproxy import Proxy
 
 CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
 
@@ -368,3 +369,36 @@ async def test_a_device_confirming_a_cancel_with_487_is_not_an_error(sip: Harnes
     await incoming.reject(487)
     assert (await bob.keepalive())["code"] == 200
     assert bob.pending_events() == []
+
+
+async def test_the_client_library_reconnects_by_itself_and_the_call_goes_on(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    port = int(sip.url.split(":")[2].split("/")[0])
+    async with Proxy("127.0.0.1", port) as proxy:
+        url = f"ws://127.0.0.1:{proxy.port}/ws"
+        bob = await Client.connect(url, reconnect=Reconnect(initial=0.0))
+        sip.clients.append(bob)
+        await bob.register(sip.token("bob"), "bob-tablet")
+        call = await alice.invite("bob", OFFER)
+        await (await bob.incoming()).answer(ANSWER)
+        await call.answered()
+        await call.ack()
+        await bob.next_event("ack")
+
+        await proxy.cut()  # the tablet's network goes away mid-call
+        assert (await alice.next_event("peer", call_id=call.call_id))["state"] == "reconnecting"
+        reconnected = await bob.next_event("reconnected")
+        assert reconnected["url"] == url and proxy.connections == 2
+        assert (await bob.next_event("peer"))["state"] == "connected"
+        assert (await alice.next_event("peer", call_id=call.call_id))["state"] == "connected"
+        assert (await bob.request("bye", call_id=call.call_id))["code"] == 200
+        assert (await alice.next_event("bye", call_id=call.call_id))["reason"] == "remote_hangup"
+
+
+async def test_the_client_library_does_not_reconnect_after_a_final_close(sip: Harness) -> None:
+    first = await Client.connect(sip.url, reconnect=Reconnect(initial=0.0))
+    sip.clients.append(first)
+    await first.register(sip.token("bob"), "bob-phone")
+    await sip.device("bob")  # the same device registers elsewhere: the first socket is replaced (4409)
+    assert (await first.wait_closed()).code == 4409
+    assert [f for f in first.pending_events() if f["type"] == "reconnected"] == []

@@ -67,8 +67,8 @@ async def test_a_connection_cannot_switch_user(sip: Harness) -> None:
 async def test_identity_claims_in_frames_are_ignored(sip: Harness) -> None:
     mallory = await sip.device("mallory")
     bob = await sip.device("bob")
-    claims = {"from": "alice", "from_name": "Alice"}
-    await mallory.start_request("invite", call_id="c-imp", to="bob", sdp=OFFER, **claims)
+    claims: dict[str, object] = {"from": "alice", "from_name": "Alice"}
+    await mallory.send({"type": "invite", "seq": 100, "call_id": "c-imp", "to": "bob", "sdp": OFFER, **claims})
     incoming = await bob.incoming()
     assert (incoming.caller, incoming.caller_name) == ("mallory", None)
 
