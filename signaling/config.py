@@ -52,6 +52,9 @@ class Settings:
     # Seconds an online device has to acknowledge an INVITE (any response) before it is treated as asleep and
     # woken with a VoIP push, once.
     ack_grace: float = 2.0
+    # Seconds a process counts as alive after its last heartbeat (it beats every third of this); calls that
+    # depended on a process silent for longer end for their surviving parties.
+    node_ttl: float = 10.0
     # Seconds a party of an answered call whose socket dropped has to register again (on any node) before the
     # call ends for the other party; 0 ends it at once.
     reattach_grace: float = 15.0
@@ -122,6 +125,7 @@ class Settings:
             "heartbeat",
             "ring_timeout",
             "ack_grace",
+            "node_ttl",
             "missed_call_ttl",
             "update_timeout",
             "max_frame_bytes",

@@ -85,6 +85,21 @@ class CallRecord:
     answered_by: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CallRef:
+    """A call that wants a device when it next registers, on whichever node: it is being woken for the call
+    (`party` False: offer it the call) or is a party of it (`party` True: re-attach it). `node_id` owns the
+    call. The caller's id, name and video flag are kept for a pushed device so that, should the owner be gone,
+    any node can still tell the device the call ended."""
+
+    call_id: str
+    node_id: str
+    party: bool = False
+    caller_id: str = ""
+    caller_name: str | None = None
+    video: bool = False
+
+
 class NoticeKind(StrEnum):
     ENDED = "ended"  # a call this device was woken for ended before it connected: end the CallKit call
     MISSED = "missed"  # a call this device did not answer: for the app's call log

@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Final
 
@@ -47,7 +47,7 @@ from signaling.errors import (
     StaleSequence,
     StoreUnavailable,
 )
-from signaling.models import Binding, CallPhase, CallRecord, Device, Notice, NoticeKind, PushBinding
+from signaling.models import Binding, CallPhase, CallRecord, CallRef, Device, Notice, NoticeKind, PushBinding
 from signaling.store import MemoryStore, Store
 
 logger = log.get_logger("signaling.server")
@@ -93,6 +93,22 @@ class TokenBucket:
         return (1.0 - self._tokens) / self._rate
 
 
+class RemoteStage(StrEnum):
+    """How far a call another node owns has come for a device connected here (what to tell it if that node
+    dies)."""
+
+    WAKING = "waking"  # pushed for it, not offered yet: `ended`
+    OFFERED = "offered"  # ringing here: `cancel` caller_gone
+    PARTY = "party"  # answered, this device is a party: `bye` peer_gone
+
+
+@dataclass(slots=True)
+class RemoteCall:
+    owner: str
+    stage: RemoteStage
+    ref: CallRef | None = None  # for WAKING: who called, to say so in `ended`
+
+
 class Connection:
     """One client WebSocket: its encoding, its identity once registered, and the calls it takes part in."""
 
@@ -111,7 +127,7 @@ class Connection:
         self.calls: set[str] = set()  # as caller
         self.legs: set[str] = set()  # as a callee device, of calls this node owns
         # As a callee device, of calls another node owns: call id -> that node. Frames naming them go there.
-        self.remote_calls: dict[str, str] = {}
+        self.remote_calls: dict[str, RemoteCall] = {}
         self.timers: list[TimerHandle] = []
         self.closing = False
         self.cleaned = False
@@ -234,8 +250,10 @@ class Switchboard:
         self.parties: dict[tuple[str, str], set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: TimerHandle | None = None
-        # The latest periodic sweep (for tests and shutdown to wait on).
+        # The latest periodic sweep and heartbeat (for tests and shutdown to wait on).
         self.last_sweep: asyncio.Task[None] | None = None
+        self.last_heartbeat: asyncio.Task[None] | None = None
+        self._beater: TimerHandle | None = None
         self._handlers: dict[type[wire.Inbound], Callable[[Party, wire.Inbound], Awaitable[None]]] = {
             wire.Register: self._on_register,  # type: ignore[dict-item]
             wire.Keepalive: self._on_keepalive,  # type: ignore[dict-item]
@@ -252,7 +270,45 @@ class Switchboard:
 
     async def start(self) -> None:
         await self.bus.start(self.node_id, self._on_bus)
+        await self.store.heartbeat(self.node_id, self.settings.node_ttl, ())
         self._schedule_sweep()
+        self._schedule_heartbeat()
+
+    # ------------------------------------------------------------------------------------------ other nodes
+
+    def _schedule_heartbeat(self) -> None:
+        self._beater = self.clock.call_at(self.clock.now() + self.settings.node_ttl / 3, self._heartbeat_due)
+
+    def _heartbeat_due(self) -> None:
+        self.last_heartbeat = self.spawn(self.heartbeat())
+        self._schedule_heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Say this node is alive (for `node_ttl`), and end what depended on nodes that stopped saying so: the
+        calls they owned, for devices here, and the parties they held, in calls this node owns."""
+        watch = {r.owner for c in self.bound.values() for r in c.remote_calls.values()}
+        for handle in self.calls.values():
+            watch |= {p.node_id for p in (handle.caller, *handle.legs.values()) if isinstance(p, RemotePeer)}
+        for node_id in await self.store.heartbeat(self.node_id, self.settings.node_ttl, watch):
+            await self._node_died(node_id)
+
+    async def _node_died(self, node_id: str) -> None:
+        logger.warning("node.gone", node_id=node_id)
+        for conn in list(self.bound.values()):
+            for call_id, remote in list(conn.remote_calls.items()):
+                if remote.owner == node_id:
+                    del conn.remote_calls[call_id]
+                    await self._orphaned(conn, call_id, remote)
+        for handle in list(self.calls.values()):
+            for party in (handle.caller, *handle.legs.values()):
+                if (
+                    isinstance(party, RemotePeer)
+                    and party.node_id == node_id
+                    and handle.call.call_id in self.calls
+                ):
+                    # Its socket died with its node; a party of an answered call may still re-attach elsewhere.
+                    lost = core.CallerLost() if party is handle.caller else core.LegLost(party.device_id)
+                    await self._step(handle, lost)
 
     async def publish(self, node_id: str, message: Message) -> None:
         """Send `message` to another node over the bus; a failure is logged (the timers end what it leaves)."""
@@ -264,6 +320,8 @@ class Switchboard:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._beater is not None:
+            self._beater.cancel()
         conns = list(self.connections)
         await asyncio.gather(
             *(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in conns), return_exceptions=True
@@ -364,8 +422,8 @@ class Switchboard:
             handle = self.calls.get(call_id)
             if handle is not None and conn.device_id is not None:
                 await self._step(handle, core.LegLost(conn.device_id))
-        for call_id, owner in list(conn.remote_calls.items()):
-            await self.publish(owner, self._leg_message("lost", conn, call_id))
+        for call_id, remote in list(conn.remote_calls.items()):
+            await self.publish(remote.owner, self._leg_message("lost", conn, call_id))
         conn.remote_calls.clear()
         if conn.identity is not None and conn.device_id is not None:
             key = (conn.identity.user_id, conn.device_id)
@@ -423,7 +481,9 @@ class Switchboard:
             return
         if isinstance(call_id, str):
             if kind == "invite":
-                conn.remote_calls[call_id] = message["from"]
+                conn.remote_calls[call_id] = RemoteCall(message["from"], RemoteStage.OFFERED)
+            elif kind == "response" and frame.get("method") == "invite" and frame.get("code") == 200:
+                pass  # the caller's answer (this connection is a re-attached caller)
             elif kind in ("cancel", "bye") or (kind == "response" and frame.get("method") == "bye"):
                 conn.remote_calls.pop(call_id, None)
         await conn.send_map(frame)
@@ -489,9 +549,9 @@ class Switchboard:
         await self._drop(conn, CloseCode.REPLACED, "device registered on another connection")
         for call_id in ringing:
             await self._attach(moved, call_id)
-        for call_id, owner in elsewhere.items():
+        for call_id, remote in elsewhere.items():
             connected = {"op": "connected", "call": call_id, "user": moved.user_id, "device": moved.device_id}
-            await self.publish(owner, {**connected, "conn": moved.conn_id, "node": moved.node_id})
+            await self.publish(remote.owner, {**connected, "conn": moved.conn_id, "node": moved.node_id})
 
     # ------------------------------------------------------------------------------------------ frames
 
@@ -544,14 +604,18 @@ class Switchboard:
         """The node that owns the call `frame` is about, when it is another node's call this device rings for."""
         if not isinstance(frame, _FORWARDED) or frame.call_id in self.calls:
             return None
-        return conn.remote_calls.get(frame.call_id)
+        remote = conn.remote_calls.get(frame.call_id)
+        return remote.owner if remote is not None else None
 
     async def _forward(self, conn: Connection, owner: str, frame: wire.Inbound, data: bytes | str) -> None:
         """Pass a device's frame to the call's owner as the device sent it; the owner answers over the bus."""
         assert isinstance(frame, _FORWARDED)
         self._registered(conn)
-        if isinstance(frame, wire.Reply) and frame.method is wire.Method.INVITE and frame.code >= 300:
-            conn.remote_calls.pop(frame.call_id, None)  # the device is done with the call
+        if isinstance(frame, wire.Reply) and frame.method is wire.Method.INVITE:
+            if frame.code >= 300:
+                conn.remote_calls.pop(frame.call_id, None)  # the device is done with the call
+            elif frame.code >= 200:
+                conn.remote_calls[frame.call_id].stage = RemoteStage.PARTY
         await self.publish(owner, {**self._leg_message("frame", conn, frame.call_id), "data": data})
 
     def _leg_message(self, op: str, conn: Connection, call_id: str) -> Message:
@@ -653,16 +717,44 @@ class Switchboard:
         if first:
             rejoin += sorted(self.waking.pop(key, set()))
             rejoin += sorted(self.parties.get(key, ()))
-            # Calls another node wakes this device for, or that it is a party of: ask each owner to offer or
-            # re-attach them here, and send what the device says about them there.
-            for call_id, owner in registered.waking:
-                if owner != self.node_id:
-                    conn.remote_calls[call_id] = owner
-                    connected = {**self._leg_message("connected", conn, call_id), "node": self.node_id}
-                    await self.publish(owner, connected)
+            await self._claim_remote_calls(conn, [r for r in registered.waking if r.node_id != self.node_id])
         for call_id in dict.fromkeys(rejoin):
             await self._attach(conn, call_id)
         logger.info("presence.registered", user_id=key[0], device_id=key[1], conn_id=conn.conn_id)
+
+    async def _claim_remote_calls(self, conn: Connection, refs: list[CallRef]) -> None:
+        """Calls other nodes wake this device for, or that it is a party of: ask each owner to offer or
+        re-attach them here (what the device then says about them is forwarded there). A call whose owner has
+        died ends here and now, with the frame the device needs (`ended` and `missed`, or `bye`)."""
+        if not refs:
+            return
+        dead = await self.store.heartbeat(self.node_id, self.settings.node_ttl, {r.node_id for r in refs})
+        for ref in refs:
+            stage = RemoteStage.PARTY if ref.party else RemoteStage.WAKING
+            remote = RemoteCall(ref.node_id, stage, ref)
+            if ref.node_id in dead:
+                await self._orphaned(conn, ref.call_id, remote)
+                continue
+            conn.remote_calls[ref.call_id] = remote
+            connected = {**self._leg_message("connected", conn, ref.call_id), "node": self.node_id}
+            await self.publish(ref.node_id, connected)
+
+    async def _orphaned(self, conn: Connection, call_id: str, remote: RemoteCall) -> None:
+        """Tell a device here that a call died with the node that owned it (its caller was there)."""
+        now = self.clock.now()
+        logger.info("call.owner_gone", call_id=call_id, node_id=remote.owner, stage=remote.stage.value)
+        if remote.stage is RemoteStage.WAKING and remote.ref is not None:
+            ref = remote.ref
+            await conn.send(
+                wire.EndedNotice(
+                    call_id, wire.CallKitReason.REMOTE_ENDED, ref.caller_id, ref.caller_name, ref.video, now
+                )
+            )
+            await conn.send(wire.MissedNotice(call_id, ref.caller_id, ref.caller_name, ref.video, now))
+        elif remote.stage is RemoteStage.OFFERED:
+            await conn.send(wire.CancelNotice(call_id, wire.EndReason.CALLER_GONE))
+        else:
+            await conn.send(wire.ByeNotice(call_id, wire.EndReason.PEER_GONE))
 
     async def _attach(self, party: Party, call_id: str) -> None:
         """A device that took part in a call, or was being woken for it, registered on a new connection: the
@@ -983,8 +1075,8 @@ class Switchboard:
             return
         ttl = call.deadline - self.clock.now() + _RECORD_SLACK
         # The claim also tells whichever node the device registers on that this node wakes it for the call.
-        waking = (call.callee_user, self.node_id)
-        if not await self.store.claim_push(call.call_id, device_id, ttl, waking=waking):
+        ref = CallRef(call.call_id, self.node_id, False, call.caller_user, call.caller_name, call.video)
+        if not await self.store.claim_push(call.call_id, device_id, ttl, waking=(call.callee_user, ref)):
             logger.warning("push.duplicate_suppressed", call_id=call.call_id, device_id=device_id)
             return
         result = await self.push.send_incoming_call(

@@ -24,6 +24,7 @@ from signaling.models import (
     Binding,
     CallPhase,
     CallRecord,
+    CallRef,
     Device,
     Notice,
     NoticeKind,
@@ -1290,14 +1291,16 @@ async def test_stopped_redis_raises_and_a_restarted_one_works_again(
 async def test_a_claimed_push_is_seen_as_waking_by_the_devices_next_registrations(
     store: Store, manual_clock: ManualClock
 ) -> None:
-    assert await store.claim_push("call-2", "phone", ttl=30, waking=("alice", "node-b")) is True
+    from_bob = CallRef("call-2", "node-b", caller_id="bob", caller_name="Bob {B}", video=True)
+    from_carol = CallRef("call-1", "node-a", caller_id="carol")
+    assert await store.claim_push("call-2", "phone", ttl=30, waking=("alice", from_bob)) is True
     manual_clock.advance(1)
-    assert await store.claim_push("call-1", "phone", ttl=60, waking=("alice", "node-a")) is True
+    assert await store.claim_push("call-1", "phone", ttl=60, waking=("alice", from_carol)) is True
     assert await store.claim_push("call-3", "phone", ttl=30) is True  # no waking record asked for
-    assert await store.claim_push("call-4", "ipad", ttl=30, waking=("alice", "node-a")) is True
+    assert await store.claim_push("call-4", "ipad", ttl=30, waking=("alice", from_carol)) is True
 
     _, registered = await register(store, manual_clock)
-    assert registered.waking == (("call-2", "node-b"), ("call-1", "node-a"))
+    assert registered.waking == (from_bob, from_carol)  # every field round-trips
     _, again = await register(store, manual_clock, conn_id="conn-2")
     assert again.waking == registered.waking  # not taken: a device may reconnect while the call rings
     _, other = await register(store, manual_clock, "bob")
@@ -1305,7 +1308,7 @@ async def test_a_claimed_push_is_seen_as_waking_by_the_devices_next_registration
 
     manual_clock.advance(30)  # call-2's claim has expired
     _, later = await register(store, manual_clock, conn_id="conn-3")
-    assert later.waking == (("call-1", "node-a"),)
+    assert later.waking == (from_carol,)
     await store.forget_device("alice", "phone")
     _, forgotten = await register(store, manual_clock, conn_id="conn-4")
     assert forgotten.waking == ()
@@ -1318,9 +1321,18 @@ async def test_the_parties_of_an_answered_call_see_it_until_it_closes(
     await store.update_call(record, 3600, parties=[("alice", "phone"), ("bob", "ipad")])
     _, alice = await register(store, manual_clock)
     _, bob = await register(store, manual_clock, "bob", "ipad")
-    assert alice.waking == bob.waking == (("call-1", record.node_id),)
+    assert alice.waking == bob.waking == (CallRef("call-1", record.node_id, party=True),)
 
     await store.close_call("call-1", parties=[("alice", "phone"), ("bob", "ipad")])
     _, again = await register(store, manual_clock, conn_id="conn-2")
     assert again.waking == ()
     assert await store.get_call("call-1") is None
+
+
+async def test_heartbeats_tell_which_nodes_are_alive(store: Store, manual_clock: ManualClock) -> None:
+    assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == {"node-b", "node-c"}
+    assert await store.heartbeat("node-b", 10, ["node-a"]) == frozenset()
+    manual_clock.advance(9)
+    assert await store.heartbeat("node-a", 10, ["node-b", "node-a"]) == frozenset()
+    manual_clock.advance(1)  # node-b is silent for its whole ttl
+    assert await store.heartbeat("node-c", 10, ["node-a", "node-b"]) == {"node-b"}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from signaling.errors import StoreUnavailable
-from signaling.models import Binding, CallRecord, Device, Notice
+from signaling.models import Binding, CallRecord, CallRef, Device, Notice
 
 __all__ = ["CallOpened", "Presence", "Registered", "Store", "StoreUnavailable"]
 
@@ -47,10 +47,9 @@ class Registered:
 
     replaced: Binding | None
     notices: tuple[Notice, ...] = ()
-    # Calls the device was pushed for or is a party of, as (call_id, the node that owns the call), ordered by
-    # expiry then call id: the registering node asks each owner to offer or re-attach the call (see
-    # `claim_push` and `update_call`).
-    waking: tuple[tuple[str, str], ...] = ()
+    # Calls the device was pushed for or is a party of, ordered by expiry then call id: the registering node
+    # asks each owner to offer or re-attach the call (see `claim_push` and `update_call`).
+    waking: tuple[CallRef, ...] = ()
 
 
 class Store(Protocol):
@@ -85,6 +84,11 @@ class Store(Protocol):
         `expires_at`. At most `MAX_NOTICES` are kept per device (the oldest are dropped)."""
         ...
 
+    async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
+        """Mark `node_id` alive for `ttl` seconds, and return which of `watch` are not alive (never were, or
+        missed their heartbeats): one round trip. Nodes heartbeat every third of their `ttl`."""
+        ...
+
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
         """Take the device's pending notices (not expired), oldest first, removing them: each notice is handed
         out once, by this or by `register`, whichever runs first. For a device that registered while its
@@ -92,13 +96,13 @@ class Store(Protocol):
         ...
 
     async def claim_push(
-        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, CallRef] | None = None
     ) -> bool:
         """True the first time (call, device) is claimed within `ttl`, False ever after: the guard that makes a
         VoIP push for a call reach a device at most once, whichever process sends it.
 
-        With `waking` = (user_id, owner node_id), the same round trip also records that the device is being
-        woken for the call, for `ttl`, so whichever node the device registers on learns it (`Registered.waking`).
+        With `waking` = (user_id, the call), the same round trip also records that the device is being woken
+        for the call, for `ttl`, so whichever node the device registers on learns it (`Registered.waking`).
         """
         ...
 

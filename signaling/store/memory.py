@@ -8,11 +8,11 @@ read, and the leftovers are swept out at most once per `SWEEP_INTERVAL` of clock
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from signaling.clock import Clock
-from signaling.models import Binding, CallRecord, Device, Notice
+from signaling.models import Binding, CallRecord, CallRef, Device, Notice
 from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered
 
 __all__ = ["DEFAULT_DEVICE_TTL", "SWEEP_INTERVAL", "MemoryStore", "check_register_args"]
@@ -50,8 +50,9 @@ class MemoryStore:
         # Per (user, device): oldest first by (`at`, insertion), at most MAX_NOTICES, none known to be expired.
         self._notices: dict[tuple[str, str], list[Notice]] = {}
         self._claims: dict[tuple[str, str], float] = {}  # (call_id, device_id) -> claim expiry
-        # (user, device) -> call_id -> (owner node, expiry), in claim order.
-        self._waking: dict[tuple[str, str], dict[str, tuple[str, float]]] = {}
+        # (user, device) -> call_id -> (the call, expiry).
+        self._waking: dict[tuple[str, str], dict[str, tuple[CallRef, float]]] = {}
+        self._alive: dict[str, float] = {}  # node id -> heartbeat expiry
         self._next_sweep = clock.now() + SWEEP_INTERVAL
 
     async def start(self) -> None:
@@ -78,8 +79,8 @@ class MemoryStore:
         devices[device.device_id] = device
         self._bindings[key] = binding
         notices = tuple(n for n in self._notices.pop(key, ()) if n.expires_at > now)
-        live = sorted((until, c, node) for c, (node, until) in self._waking.get(key, {}).items() if until > now)
-        waking = tuple((c, node) for _, c, node in live)
+        live = sorted((until, c, ref) for c, (ref, until) in self._waking.get(key, {}).items() if until > now)
+        waking = tuple(ref for _, _, ref in live)
 
         others: list[Device] = []
         for other in list(devices.values()):
@@ -111,20 +112,26 @@ class MemoryStore:
             else:
                 self._notices.pop(key, None)
 
+    async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
+        """See `Store.heartbeat`."""
+        now = self._clock.now()
+        self._alive[node_id] = now + ttl
+        return frozenset(n for n in watch if self._alive.get(n, 0.0) <= now)
+
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
         """See `Store.take_notices`."""
         now = self._clock.now()
         return tuple(n for n in self._notices.pop((user_id, device_id), ()) if n.expires_at > now)
 
     async def claim_push(
-        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, CallRef] | None = None
     ) -> bool:
         """See `Store.claim_push`. An expired claim counts as absent."""
         now = self._clock.now()
         self._maybe_sweep(now)
         if waking is not None:
-            user_id, node_id = waking
-            self._waking.setdefault((user_id, device_id), {})[call_id] = (node_id, now + ttl)
+            user_id, ref = waking
+            self._waking.setdefault((user_id, device_id), {})[call_id] = (ref, now + ttl)
         key = (call_id, device_id)
         held = self._claims.get(key)
         if held is not None and held > now:
@@ -207,8 +214,9 @@ class MemoryStore:
         now = self._clock.now()
         self._maybe_sweep(now)
         self._calls[record.call_id] = _StoredCall(record, now + ttl)
+        ref = CallRef(record.call_id, record.node_id, party=True)
         for key in parties:
-            self._waking.setdefault(key, {})[record.call_id] = (record.node_id, now + ttl)
+            self._waking.setdefault(key, {})[record.call_id] = (ref, now + ttl)
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         """The call record, or None if it was never opened, was closed, or has expired."""

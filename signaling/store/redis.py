@@ -5,7 +5,8 @@ Key layout (`P` is the prefix, `siplite:` by default; `<user>` and `<call>` are 
     P{<user>}:devs          hash   device_id -> JSON {"registered_at", "push"}      TTL: newest device + device_ttl
     P{<user>}:b:<device_id> string JSON {"conn_id", "node_id", "expires_at"}      TTL: expires_at
     P{<user>}:n:<device_id> list   JSON notices, oldest first                      TTL: latest notice expires_at
-    P{<user>}:w:<device_id> hash   call_id -> JSON {"node", "expires_at"}         TTL: latest expires_at
+    P{<user>}:w:<device_id> hash   call_id -> JSON CallRef + "expires_at"          TTL: latest expires_at
+    Palive:{<node>}         string the heartbeat's expiry (seconds, as text)     TTL: expiry + GC_SLACK
     Pcall:{<call>}          string JSON call record + "expires_at"               TTL: now + ttl
     Ppush:{<call>}:<device> string the claim's expiry (seconds, as text)         TTL: now + ttl
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -43,6 +44,7 @@ from signaling.models import (
     Binding,
     CallPhase,
     CallRecord,
+    CallRef,
     Device,
     Notice,
     NoticeKind,
@@ -261,7 +263,7 @@ return notices
 _MARK_WAKING = _Script(
     "mark_waking",
     """
--- KEYS: a device's waking calls. ARGV: call_id, {"node", "expires_at"} JSON, now, gc ttl.
+-- KEYS: a device's waking calls. ARGV: call_id, the CallRef JSON (with "expires_at"), now, gc ttl.
 -- Records the call, drops entries past their expiry, and keeps the hash until its latest entry expires.
 local now = tonumber(ARGV[3])
 local fields = redis.call('HGETALL', KEYS[1])
@@ -406,6 +408,9 @@ class _Keys:
     def waking(self, user_id: str, device_id: str) -> str:
         return self.waking_prefix(user_id) + device_id
 
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}alive:{{{_tag(node_id)}}}"
+
     def call(self, call_id: str) -> str:
         return f"{self.prefix}call:{{{_tag(call_id)}}}"
 
@@ -525,6 +530,30 @@ def _encode_notice(notice: Notice) -> str:
             "expires_at": notice.expires_at,
             "reason": notice.reason,
         }
+    )
+
+
+def _encode_ref(ref: CallRef, expires_at: float) -> str:
+    return _dumps(
+        {
+            "node": ref.node_id,
+            "expires_at": expires_at,
+            "party": ref.party,
+            "caller": ref.caller_id,
+            "caller_name": ref.caller_name,
+            "video": ref.video,
+        }
+    )
+
+
+def _decode_ref(call_id: str, value: dict[str, Any]) -> CallRef:
+    return CallRef(
+        call_id=call_id,
+        node_id=str(value["node"]),
+        party=bool(value["party"]),
+        caller_id=str(value["caller"]),
+        caller_name=value["caller_name"],
+        video=bool(value["video"]),
     )
 
 
@@ -667,11 +696,12 @@ class RedisStore:
             for i in range(0, len(raw_waking), 2):
                 value = json.loads(raw_waking[i + 1])
                 if value["expires_at"] > now:
-                    entries.append((float(value["expires_at"]), _text(raw_waking[i]), str(value["node"])))
+                    entries.append((float(value["expires_at"]), _decode_ref(_text(raw_waking[i]), value)))
+            entries.sort(key=lambda entry: (entry[0], entry[1].call_id))
             return Registered(
                 replaced=replaced,
                 notices=tuple(n for n in notices if n.expires_at > now),
-                waking=tuple((call_id, node) for _, call_id, node in sorted(entries)),
+                waking=tuple(ref for _, ref in entries),
             )
 
         return self._decode(decode)
@@ -691,6 +721,19 @@ class RedisStore:
             _Eval(_ADD_NOTICES, tuple(self._keys.notices(user_id, d) for d in by_device), tuple(args)),
         )
 
+    async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
+        """See `Store.heartbeat`: one pipeline of a SET and a GET per watched node. Liveness is the expiry in
+        the value, read against the clock, as for every other record here."""
+        now = self._clock.now()
+        nodes = sorted(set(watch))
+        with self._translate("heartbeat"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(self._keys.node(node_id), repr(now + ttl), ex=_gc_ttl(ttl))
+            for node in nodes:
+                pipe.get(self._keys.node(node))
+            _, *values = await pipe.execute()
+        return frozenset(n for n, v in zip(nodes, values, strict=True) if v is None or float(v) <= now)
+
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
         """See `Store.take_notices`: one script (LRANGE and DEL)."""
         now = self._clock.now()
@@ -700,7 +743,7 @@ class RedisStore:
         return self._decode(lambda: tuple(n for n in map(_decode_notice, raw_notices) if n.expires_at > now))
 
     async def claim_push(
-        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, str] | None = None
+        self, call_id: str, device_id: str, ttl: float, *, waking: tuple[str, CallRef] | None = None
     ) -> bool:
         """See `Store.claim_push`: one script, and with `waking` a second in the same pipeline (the two keys
         live in different hash slots, so they are not one script). The claim's expiry is in the value."""
@@ -713,8 +756,8 @@ class RedisStore:
             )
         ]
         if waking is not None:
-            user_id, node_id = waking
-            value = _dumps({"node": node_id, "expires_at": now + ttl})
+            user_id, ref = waking
+            value = _encode_ref(ref, now + ttl)
             calls.append(
                 _Eval(
                     _MARK_WAKING,
@@ -827,7 +870,7 @@ class RedisStore:
                     self._keys.call(record.call_id), _encode_call(record, now + ttl), ex=_gc_ttl(ttl)
                 )
             return
-        value = _dumps({"node": record.node_id, "expires_at": now + ttl})
+        value = _encode_ref(CallRef(record.call_id, record.node_id, party=True), now + ttl)
         await self._eval(
             "update_call",
             _Eval(_SET_CALL, (self._keys.call(record.call_id),), (_encode_call(record, now + ttl), _gc_ttl(ttl))),
