@@ -58,7 +58,8 @@ def serve(settings: config.Settings) -> int:
 
 
 async def _run(app: web.Application, settings: config.Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then close every socket with 1001 and clean up."""
+    """Serve until SIGTERM or SIGINT, then drain (clients sent elsewhere with 1012, owned calls given up to
+    `drain_timeout` to end), close what is left with 1001 and clean up."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()  # starts the store: an unreachable Redis raises StoreUnavailable here
     try:
@@ -72,6 +73,9 @@ async def _run(app: web.Application, settings: config.Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logger.info("server.stopping", node_id=settings.node_id)
+        from signaling.server import SWITCHBOARD
+
+        await app[SWITCHBOARD].drain(settings.drain_timeout)
     finally:
         await runner.cleanup()
     logger.info("server.stopped", node_id=settings.node_id)

@@ -276,6 +276,8 @@ class Client:
                 await self.final(await self.start_request("register", on_final=announce, **registration))
             except ClientError as exc:
                 closed = ConnectionClosed(exc.code, "REGISTER refused after reconnecting")
+                if exc.code == 503:
+                    continue  # that server is draining or lost its store: try the next
                 break
             except (TimeoutError, ConnectionClosed, ConnectionError):
                 continue  # this connection failed as well; the reader has started the next attempt or not

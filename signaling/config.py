@@ -90,6 +90,8 @@ class Settings:
     apns_keepalive: float = 5.0
     # Pushes in flight at once; beyond it a push fails at once as "overloaded".
     push_max_in_flight: int = 1000
+    # Seconds SIGTERM waits, after sending every client elsewhere, for the calls this process owns to end.
+    drain_timeout: float = 25.0
     # Seconds to wait for open sockets to close on shutdown.
     shutdown_timeout: float = 5.0
     node_id: str = field(default_factory=_default_node_id)

@@ -148,6 +148,14 @@ class StoreUnavailable(ServerError):
     reason = "Service Unavailable"
 
 
+class Draining(ServerError):
+    """This process is shutting down gracefully: connect again (to another process) and retry there."""
+
+    code = 503
+    error = "draining"
+    reason = "Service Unavailable"
+
+
 class InternalError(ServerError):
     code = 500
     error = "internal"

@@ -5,6 +5,7 @@ timers and the store; every call decision is the `Call` state machine's (signali
 one place that turns errors into error responses and close codes.
 
 Close codes (see docs/PROTOCOL.md): 1001 server shutting down, 1008 too many bad frames, 1009 frame too large,
+1012 server draining (reconnect elsewhere),
 4401 authentication failed or token expired, 4408 no REGISTER/keepalive in time,
 4409 the device registered again on another connection.
 """
@@ -36,6 +37,7 @@ from signaling.config import Settings
 from signaling.errors import (
     AuthenticationFailed,
     CallIdInUse,
+    Draining,
     Forbidden,
     InternalError,
     LimitExceeded,
@@ -58,6 +60,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     UNAUTHORIZED = 4401
+    SERVICE_RESTART = 1012
     TIMEOUT = 4408
     REPLACED = 4409
 
@@ -254,6 +257,9 @@ class Switchboard:
         self.last_sweep: asyncio.Task[None] | None = None
         self.last_heartbeat: asyncio.Task[None] | None = None
         self._beater: TimerHandle | None = None
+        # Set by `drain()`: no new connections or calls; clients are sent elsewhere.
+        self.draining = False
+        self._calls_changed = asyncio.Event()
         self._handlers: dict[type[wire.Inbound], Callable[[Party, wire.Inbound], Awaitable[None]]] = {
             wire.Register: self._on_register,  # type: ignore[dict-item]
             wire.Keepalive: self._on_keepalive,  # type: ignore[dict-item]
@@ -316,6 +322,29 @@ class Switchboard:
             await self.bus.publish(node_id, {**message, "from": self.node_id})
         except StoreUnavailable as exc:
             logger.warning("bus.publish_failed", node_id=node_id, op=message.get("op"), error=str(exc))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work and send every client elsewhere (`reconnect`, then close 1012), while the calls this
+        node owns go on, their parties re-attached through other nodes, until they end or `timeout` passes.
+        A connection with a call still ringing is left until the call is answered or over."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        logger.info("server.draining", calls=len(self.calls), connections=len(self.connections))
+        while True:
+            ringing = {c for c, h in self.calls.items() if h.call.state is core.CallState.RINGING}
+            for conn in list(self.connections):
+                if conn.closing or conn.calls & ringing or conn.legs & ringing:
+                    continue
+                await conn.send(wire.ReconnectNotice())
+                await self._drop(conn, CloseCode.SERVICE_RESTART, "server draining; connect again")
+            remaining = deadline - loop.time()
+            if not self.calls or remaining <= 0:
+                break
+            self._calls_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._calls_changed.wait(), remaining)
+        logger.info("server.drained", calls_left=len(self.calls))
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -596,6 +625,8 @@ class Switchboard:
             logger.error("store.unavailable", error=str(exc))
             exc.extra.setdefault("retry_after", _STORE_RETRY_AFTER)
             await self._reject(sender, frame, exc)
+        except Draining as exc:
+            await self._reject(sender, frame, exc)
         except Exception:
             logger.exception("frame.crashed", conn_id=sender.conn_id, user_id=sender.user_id)
             await self._reject(sender, frame, InternalError("internal error; the request was not carried out"))
@@ -837,6 +868,8 @@ class Switchboard:
 
     async def _on_invite(self, conn: Connection, req: wire.Invite) -> None:
         identity, device_id = self._registered(conn)
+        if self.draining:
+            raise Draining("this server is draining; connect again and retry", retry_after=1.0)
         if req.call_id in self.calls:
             raise CallIdInUse(f"call id {req.call_id!r} is in use")
         if len(conn.calls) >= self.settings.max_calls_per_connection:
@@ -1024,6 +1057,7 @@ class Switchboard:
                 for party in parties:
                     self.parties.setdefault(party, set()).add(call_id)
                 update = self.store.update_call(handle.record, _ANSWERED_RECORD_TTL, parties=parties)
+                self._calls_changed.set()
                 await self._store_quietly(update)
             elif isinstance(effect, core.CallFinished):
                 logger.info(
@@ -1158,6 +1192,7 @@ class Switchboard:
     def _forget(self, handle: CallHandle) -> None:
         call_id = handle.call.call_id
         self.calls.pop(call_id, None)
+        self._calls_changed.set()
         if isinstance(handle.caller, Connection):
             handle.caller.calls.discard(call_id)
         for key in self._parties(handle):
@@ -1234,6 +1269,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     board = app[SWITCHBOARD]
+    if board.draining:
+        raise web.HTTPServiceUnavailable(text="this server is draining; connect to another one")
     encoding = _choose_encoding(request)
     if encoding is None:
         raise web.HTTPBadRequest(
@@ -1308,6 +1345,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[SWITCHBOARD].draining:
+        return web.json_response({"status": "draining"}, status=503)
     if await request.app[STORE].ping():
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "store unreachable"}, status=503)

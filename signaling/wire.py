@@ -315,6 +315,14 @@ class PeerNotice:
 
 
 @dataclass(frozen=True, slots=True)
+class ReconnectNotice:
+    """This server process is going away: connect again (through the load balancer, to another one). The
+    connection is closed with 1012 right after; calls re-attach on the new connection."""
+
+    reason: str = "draining"
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateRelay:
     call_id: str
     sdp: str
@@ -338,6 +346,7 @@ Outbound = (
     | UpdateRelay
     | IceRelay
     | PeerNotice
+    | ReconnectNotice
 )
 # Server requests the client must answer with a `response` frame.
 EXPECTS_REPLY: Final = (InviteOffer, UpdateRelay)
@@ -588,6 +597,8 @@ def to_map(frame: Outbound, seq: int | None = None) -> dict[str, Any]:
             if value is not None:
                 out[name] = value
         return out
+    if isinstance(frame, ReconnectNotice):
+        return {"seq": seq, "type": "reconnect", "reason": frame.reason}
     out = {"seq": seq, "call_id": frame.call_id}
     if isinstance(frame, InviteOffer):
         out["type"] = "invite"

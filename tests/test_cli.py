@@ -82,7 +82,9 @@ async def test_serve_with_defaults_token_and_sigterm() -> None:
         client = await Client.connect(base + "/ws")
         assert (await client.register(token.strip(), "alice-phone"))["user"] == "alice"
         proc.send_signal(signal.SIGTERM)
-        assert (await client.wait_closed(timeout=STARTUP_TIMEOUT)).code == 1001
+        # Drained: told to connect elsewhere, then closed with 1012 (service restart).
+        assert (await client.next_event("reconnect", timeout=STARTUP_TIMEOUT))["reason"] == "draining"
+        assert (await client.wait_closed(timeout=STARTUP_TIMEOUT)).code == 1012
         await client.close()
         assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
 

@@ -17,7 +17,7 @@ import pytest
 
 from push.dev import DevelopmentProvider
 from signaling.bus import RedisBus
-from signaling.client import CallFailed, Client, ClientError, OutgoingCall
+from signaling.client import CallFailed, Client, ClientError, OutgoingCall, Reconnect
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
@@ -320,3 +320,57 @@ async def test_a_caller_that_drops_mid_call_re_attaches_through_another_node(clu
     assert (await bob.next_event("peer"))["state"] == "reconnecting"
     cluster["a"].clock.advance(cluster["a"].settings.reattach_grace)
     assert (await bob.next_event("bye"))["reason"] == "peer_gone"
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+
+async def test_a_draining_node_sends_its_clients_elsewhere_and_keeps_its_calls_until_they_end(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster["a"], cluster["b"]
+    alice = await Client.connect(a.url, reconnect=Reconnect(urls=[b.url], initial=0.0))
+    a.clients.append(alice)
+    await alice.register(a.token("alice"), "alice-phone")
+    bob = await b.device("bob")
+    call = await alice.invite("bob", OFFER)
+    await (await bob.incoming()).answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    await bob.next_event("ack")
+    idle = await a.device("carol")
+
+    draining = asyncio.create_task(a.board.drain(timeout=30))
+    assert (await idle.next_event("reconnect"))["reason"] == "draining"
+    assert (await idle.wait_closed()).code == 1012
+    async with aiohttp.ClientSession() as http, http.get(a.url.replace("/ws", "/readyz")) as ready:
+        assert ready.status == 503
+
+    # The caller's library connected again by itself, through node b (node a refuses new sockets), and the
+    # call it placed on node a re-attached: it goes on while node a drains.
+    assert (await alice.next_event("reconnected"))["url"] == b.url
+    assert (await alice.next_event("peer"))["state"] == "connected"
+    assert (await bob.request("ice", call_id=call.call_id, candidate=CANDIDATE))["code"] == 200
+    assert (await alice.next_event("ice"))["candidate"] == CANDIDATE
+    assert not draining.done()
+    assert (await alice.request("bye", call_id=call.call_id))["code"] == 200
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+    async with asyncio.timeout(5):
+        await draining  # its last call ended: the node is done
+    assert not a.board.calls
+
+
+async def test_a_draining_node_gives_up_its_calls_at_the_drain_timeout(cluster: Cluster) -> None:
+    a = cluster["a"]
+    alice = await a.device("alice")
+    bob = await cluster["b"].device("bob")
+    call = await alice.invite("bob", OFFER)
+    await (await bob.incoming()).answer(ANSWER)
+    await call.answered()
+    async with asyncio.timeout(5):
+        await a.board.drain(timeout=0.05)  # the caller never comes back
+    assert list(a.board.calls) == [call.call_id]  # still waiting for its caller when the drain gave up
+    assert (await alice.wait_closed()).code == 1012
+    with pytest.raises(CallFailed) as refused:
+        await (await bob.invite("alice", OFFER)).answered()  # bob is on node b, which is not draining
+    assert refused.value.code == 480
