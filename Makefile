@@ -23,3 +23,15 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	./scripts/ensure-redis-server
 	$(VENV)/bin/pytest
+
+# Benchmarks (bench/README.md): `make bench`, or `make bench BENCH_ARGS=--quick`. Adds the bench extra
+# (uvloop, matplotlib, py-spy) to .venv once.
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	./scripts/ensure-redis-server
+	$(PY) -m bench $(BENCH_ARGS)
