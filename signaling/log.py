@@ -12,6 +12,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
+import orjson
 import structlog
 
 FIELDS: Final = ("call_id", "user_id", "device_id", "node_id", "conn_id", "code", "error", "duration_ms")
@@ -39,11 +40,19 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+def _json(obj: Any, **_: Any) -> str:
+    # orjson renders a log line in about a third of the time of the standard json module; anything it cannot
+    # encode natively is logged as its str().
+    return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def configure(level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None, cache: bool = True) -> None:
     """Set up structlog. `fmt` is "json", "console", or "auto" (console on a terminal, JSON otherwise)."""
     out = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer(serializer=_json)
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
