@@ -6,8 +6,8 @@
 --no-hiredis    make `import hiredis` fail, so redis-py falls back to its pure-Python parser and packer
 --pure-msgpack  MSGPACK_PUREPYTHON=1: msgpack's pure-Python fallback instead of its C extension
 --timings FILE  measure, inside the server, REGISTER arriving (Switchboard.receive entered) -> the held INVITE
-                written (ws.send_bytes returned), and -> the REGISTER's 200, for first REGISTERs that deliver a
-                held call; written to FILE (JSON) when the server exits
+                written (by Connection.flush, the write of the loop iteration that queued it), and -> the
+                REGISTER's 200, for first REGISTERs that deliver a held call; written to FILE (JSON) at exit
 --cprofile FILE profile the whole server with cProfile; pstats written to FILE at exit
 --gc-log        log every cyclic garbage collection of generation 2 (and any taking over 20 ms) as a JSON
                 line (`bench.gc`: generation, duration_ms, collected) on stderr
@@ -31,6 +31,7 @@ def _instrument(timings: dict[str, list[float]]) -> None:
     receive = srv.Switchboard.receive
     on_register = srv.Switchboard._on_register
     send = srv.Connection.send
+    flush = srv.Connection.flush
 
     async def timed_receive(self: srv.Switchboard, conn: srv.Connection, data: bytes | str) -> None:
         conn._bench_rx = time.perf_counter()  # type: ignore[attr-defined]
@@ -45,22 +46,33 @@ def _instrument(timings: dict[str, list[float]]) -> None:
             conn._bench_reg = None  # type: ignore[attr-defined]
 
     async def timed_send(self: srv.Connection, frame: wire.Outbound) -> None:
+        # Frames are queued and written by `Connection.flush` at the end of the loop iteration: note what was
+        # queued here and take the time when the write happens.
         await send(self, frame)
         started: float | None = getattr(self, "_bench_reg", None)
         if started is None:
             return
         if isinstance(frame, wire.InviteOffer):
-            timings["register_to_invite"].append(time.perf_counter() - started)
-            ok: float | None = getattr(self, "_bench_ok", None)
-            if ok is not None:
-                timings["register_to_ok"].append(ok)
-                self._bench_ok = None  # type: ignore[attr-defined]
+            self._bench_invite = started  # type: ignore[attr-defined]
         elif isinstance(frame, wire.Response) and frame.method is wire.Method.REGISTER and frame.code == 200:
-            self._bench_ok = time.perf_counter() - started  # type: ignore[attr-defined]
+            self._bench_ok = started  # type: ignore[attr-defined]
+
+    def timed_flush(self: srv.Connection) -> None:
+        flush(self)
+        written = time.perf_counter()
+        invite: float | None = getattr(self, "_bench_invite", None)
+        if invite is None:
+            return
+        timings["register_to_invite"].append(written - invite)
+        ok: float | None = getattr(self, "_bench_ok", None)
+        if ok is not None:
+            timings["register_to_ok"].append(written - ok)
+        self._bench_invite = self._bench_ok = None  # type: ignore[attr-defined]
 
     srv.Switchboard.receive = timed_receive  # type: ignore[method-assign]
     srv.Switchboard._on_register = timed_register  # type: ignore[method-assign]
     srv.Connection.send = timed_send  # type: ignore[method-assign]
+    srv.Connection.flush = timed_flush  # type: ignore[method-assign]
 
 
 def _log_gc() -> None:

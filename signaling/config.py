@@ -64,6 +64,8 @@ class Settings:
     missed_call_alerts: bool = False
     update_timeout: float = 30.0
     max_frame_bytes: int = 65536
+    # Bytes waiting to be written to a connection that is not reading, before it is disconnected.
+    max_send_buffer: int = 1 << 20
     max_devices_per_user: int = 10
     max_calls_per_connection: int = 4
     # Seconds a device record (with its push tokens) is kept after its last registration.
@@ -131,6 +133,7 @@ class Settings:
             "missed_call_ttl",
             "update_timeout",
             "max_frame_bytes",
+            "max_send_buffer",
             "max_devices_per_user",
             "max_calls_per_connection",
             "device_ttl",

@@ -75,6 +75,20 @@ _ENDED_NOTICE_SLACK: Final = 60.0
 _ANSWERED_RECORD_TTL: Final = 12 * 3600.0
 
 
+_OPCODE_TEXT: Final = 0x1
+_OPCODE_BINARY: Final = 0x2
+
+
+def _frame_header(opcode: int, length: int) -> bytes:
+    """The header of an unmasked, final WebSocket frame (RFC 6455 section 5.2), as a server sends it."""
+    first = 0x80 | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 1 << 16:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
 class TokenBucket:
     """Frame rate limiting per connection, on the injected clock."""
 
@@ -115,9 +129,21 @@ class RemoteCall:
 class Connection:
     """One client WebSocket: its encoding, its identity once registered, and the calls it takes part in."""
 
-    def __init__(self, ws: web.WebSocketResponse, encoding: wire.Encoding, bucket: TokenBucket) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        encoding: wire.Encoding,
+        bucket: TokenBucket,
+        transport: asyncio.BaseTransport | None = None,
+        max_send_buffer: int = 1 << 20,
+    ) -> None:
         self.ws = ws
         self.encoding = encoding
+        # Frames are queued and written once per event-loop iteration, in one write (see `flush`).
+        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self._opcode = _OPCODE_BINARY if encoding is wire.Encoding.MSGPACK else _OPCODE_TEXT
+        self._outbox: list[bytes] = []
+        self._max_send_buffer = max_send_buffer
         self.conn_id = uuid.uuid4().hex
         self.identity: Identity | None = None
         self.device_id: str | None = None
@@ -154,16 +180,36 @@ class Connection:
             self.out_seq += 1
             out["seq"] = self.out_seq
         data = wire.dumps(out, self.encoding)
-        try:
-            if isinstance(data, bytes):
-                await self.ws.send_bytes(data)
-            else:
-                await self.ws.send_str(data)
-        except (ConnectionError, RuntimeError):
-            # The peer went away mid-write; the reader loop sees the close and cleans up.
+        payload = data if isinstance(data, bytes) else data.encode()
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._outbox.append(_frame_header(self._opcode, len(payload)))
+        self._outbox.append(payload)
+
+    def flush(self) -> None:
+        """Write the queued frames in one write.
+
+        Everything a connection is sent while one event-loop iteration runs (a 180 and a 200 relayed from one
+        read, an ACK and a BYE) leaves in one system call instead of one each: on this kind of machine a write
+        that wakes the peer costs more CPU than handling the frame. Frames are whole WebSocket messages, and
+        aiohttp writes its own frames (pings, close) whole too, so the two never interleave. Writing never
+        waits: a peer that stops reading while more than `max_send_buffer` bytes wait for it is disconnected
+        (a close frame could not reach it) instead of stalling whoever is sending to it.
+        """
+        if not self._outbox:
+            return
+        frames, self._outbox = self._outbox, []
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            return  # the peer went away; the reader loop sees the close and cleans up
+        transport.write(b"".join(frames))
+        if transport.get_write_buffer_size() > self._max_send_buffer:
+            logger.info("conn.not_reading", conn_id=self.conn_id, user_id=self.user_id)
             self.closing = True
+            transport.abort()  # the reader loop sees the connection lost and cleans up
 
     async def close(self, code: int, message: str) -> None:
+        self.flush()
         self.closing = True
         for timer in self.timers:
             timer.cancel()
@@ -1288,7 +1334,13 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         compress=False,
     )
     await ws.prepare(request)
-    conn = Connection(ws, encoding, TokenBucket(settings.rate_limit, settings.rate_burst, board.clock.now()))
+    conn = Connection(
+        ws,
+        encoding,
+        TokenBucket(settings.rate_limit, settings.rate_burst, board.clock.now()),
+        request.transport,
+        settings.max_send_buffer,
+    )
     board.opened(conn)
     try:
         async for msg in ws:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgpack
 import pytest
 
-from signaling.client import Client, ClientError
+from signaling.client import CallFailed, Client, ClientError
+from signaling.clock import ManualClock
+from signaling.store import MemoryStore
 from signaling.store.base import Presence
-from tests.harness import ANSWER, OFFER, PUSH, Harness
+from tests.harness import ANSWER, OFFER, PUSH, Harness, make_settings, running
 
 # ---------------------------------------------------------------------------------------------- identity
 
@@ -342,3 +348,66 @@ async def test_health_endpoints(sip: Harness) -> None:
             assert resp.status == 200
         async with session.get(base + "/readyz") as resp:
             assert resp.status == 200
+
+
+async def _stalled_device(url: str, token: str, device_id: str) -> socket.socket:
+    """A device that registers over a raw socket with a tiny receive buffer and then never reads again."""
+    parts = urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: no window autotuning
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (parts.hostname, parts.port))
+    handshake = (
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: siplite.v1.msgpack\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, handshake.encode())
+    payload = msgpack.packb({"type": "register", "seq": 1, "token": token, "device_id": device_id})
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 1 << 16
+    await loop.sock_sendall(sock, bytes((0x82, 0x80 | 126)) + len(payload).to_bytes(2, "big") + mask + masked)
+    received = b""
+
+    def frame() -> bytes:  # the first frame after the handshake, once whole (a short one: 2-byte header)
+        body = received.partition(b"\r\n\r\n")[2]
+        return body[2 : 2 + body[1]] if len(body) >= 2 and len(body) >= 2 + body[1] else b""
+
+    async with asyncio.timeout(5):
+        while not frame():
+            received += await loop.sock_recv(sock, 4096)
+    assert received.startswith(b"HTTP/1.1 101")
+    assert msgpack.unpackb(frame())["code"] == 200
+    return sock
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_stalls_no_one(manual_clock: ManualClock) -> None:
+    # A small send buffer, so that a few large INVITEs fill it once the kernel's socket buffers are full.
+    async with running(make_settings(max_send_buffer=64 * 1024), MemoryStore(manual_clock), manual_clock) as sip:
+        stuck = await _stalled_device(sip.url, sip.token("bob"), "bob-phone")
+        with stuck:
+            server_side = sip.board.bound[("bob", "bob-phone")]
+            big_offer = OFFER + "a=x-padding:" + "p" * 60_000 + "\r\n"
+            calls = []
+            # Enough INVITEs to fill the kernel's socket buffers (up to tcp_wmem's maximum, 4 MiB here) and then
+            # the server's own; bounded, in case the server never gives up on the device.
+            for i in range(400):
+                if server_side.finished.is_set():
+                    break
+                caller = await sip.device(f"caller{i}")
+                for _ in range(sip.settings.max_calls_per_connection):
+                    calls.append(await caller.invite("bob", big_offer))
+            async with asyncio.timeout(10):
+                await server_side.finished.wait()
+            assert ("bob", "bob-phone") not in sip.board.bound
+            # Every call to the dropped device ends for its caller; none waits on it.
+            for call in calls:
+                with pytest.raises(CallFailed):
+                    await call.answered()
+            # Others still call each other.
+            carol, dave = await sip.device("carol"), await sip.device("dave")
+            call = await carol.invite("dave", OFFER)
+            await (await dave.incoming()).answer(ANSWER)
+            assert (await call.answered()) is not None
