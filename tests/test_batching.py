@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -56,7 +57,7 @@ async def test_operations_issued_while_the_pipelines_are_busy_wait_and_go_togeth
 ) -> None:
     batcher = Batcher(client, max_in_flight=1)
 
-    async def later(i: int) -> list[object]:
+    async def later(i: int) -> list[Any]:
         for _ in range(i % 5):
             await asyncio.sleep(0)  # spread the operations over several loop iterations
         return await batcher.execute([("INCR", "n")])
