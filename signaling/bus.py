@@ -15,8 +15,14 @@ connection is answered with `lost` (see `signaling.server`).
 
 Messages are msgpack maps with an `op` and the sending node in `from`; frames for clients travel as the maps
 `signaling.wire.to_map` makes (the receiving connection numbers and encodes them), frames from clients as the
-bytes the client sent. The channel name carries the node id as a Redis Cluster hash tag, ready for sharded
-pub/sub.
+bytes the client sent.
+
+The bus takes the store's URL (see `signaling.redis_url`). On a Redis Cluster (`redis+cluster://`) it uses
+sharded pub/sub, SSUBSCRIBE and SPUBLISH (Redis 7+): the channel name carries the node id as a hash tag, so each
+channel lives in one slot and a message goes to the one master that serves it, where classic PUBLISH would be
+copied over the cluster bus to every node. redis-py's cluster pub/sub follows the channel when its slot moves
+(failover, resharding). Behind Sentinel (`redis+sentinel://`) it is classic pub/sub on the master, subscribed
+again on the new master after a failover.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from typing import Any, Final, Protocol
 
 import msgpack
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from signaling import log
+from signaling import log, redis_url
 from signaling.errors import StoreUnavailable
 
 logger = log.get_logger("signaling.bus")
@@ -40,6 +47,10 @@ Handler = Callable[[Message], Awaitable[None]]
 
 # Seconds between reconnection attempts of a subscriber that lost Redis.
 _RESUBSCRIBE_DELAY: Final = 0.5
+
+# Longest wait for one read of a cluster subscription. A read returns as soon as a message arrives; the bound
+# only lets redis-py move the subscription between reads when the channel's slot changes hands.
+_SHARDED_READ_TIMEOUT: Final = 1.0
 
 
 class Bus(Protocol):
@@ -75,10 +86,15 @@ class LocalBus:
 
 
 class RedisBus:
-    """The bus over Redis pub/sub, on a client of its own (binary replies; one connection subscribes)."""
+    """The bus over Redis pub/sub, on a client of its own (binary replies; one connection subscribes): sharded
+    pub/sub on a Redis Cluster, classic pub/sub on one server or a Sentinel-managed master. `url` is any form
+    `signaling.redis_url` accepts (a malformed one raises `ValueError`)."""
 
     def __init__(self, url: str, prefix: str) -> None:
-        self._client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=2.0)
+        self._target = redis_url.parse(url)
+        # As in the store: one immediate retry hides a pooled connection that died.
+        self._redis = self._target.connect(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), retries=1))
+        self._client = self._redis.client
         self._prefix = prefix
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -97,36 +113,59 @@ class RedisBus:
             await self._subscribed.wait()
 
     async def publish(self, node_id: str, message: Message) -> None:
+        channel, data = self.channel(node_id), msgpack.packb(message)
         try:
-            await self._client.publish(self.channel(node_id), msgpack.packb(message))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"bus publish failed: {type(exc).__name__}: {exc}") from exc
+            if isinstance(self._client, redis.asyncio.RedisCluster):
+                await self._client.spublish(channel, data)
+            else:
+                await self._client.publish(channel, data)
+        except redis_url.ERRORS as exc:
+            raise StoreUnavailable(f"bus publish failed: {self._target.explain(exc)}") from exc
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._client.aclose()
+        await self._redis.aclose()
 
     async def _read(self, channel: str, handler: Handler) -> None:
         # Re-subscribes by itself after Redis went away: messages published meanwhile are lost (see above).
         while True:
             try:
-                async with self._client.pubsub() as pubsub:
-                    await pubsub.subscribe(channel)
-                    self._subscribed.set()
-                    async for item in pubsub.listen():
-                        if item.get("type") != "message":
-                            continue
-                        await self._handle(item["data"], handler)
+                if isinstance(self._client, redis.asyncio.RedisCluster):
+                    await self._read_sharded(self._client, channel, handler)
+                else:
+                    await self._read_classic(self._client, channel, handler)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except redis_url.ERRORS as exc:
                 if self._subscribed.is_set():
-                    logger.warning("bus.disconnected", error=f"{type(exc).__name__}: {exc}")
+                    logger.warning("bus.disconnected", error=self._target.explain(exc))
                 self._subscribed.clear()
                 await asyncio.sleep(_RESUBSCRIBE_DELAY)
+
+    async def _read_classic(self, client: redis.asyncio.Redis, channel: str, handler: Handler) -> None:
+        async with client.pubsub() as pubsub:
+            await pubsub.subscribe(channel)
+            self._subscribed.set()
+            async for item in pubsub.listen():
+                if item.get("type") == "message":
+                    await self._handle(item["data"], handler)
+
+    async def _read_sharded(self, client: redis.asyncio.RedisCluster, channel: str, handler: Handler) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.ssubscribe(channel)
+            self._subscribed.set()
+            while True:
+                item = await pubsub.get_sharded_message(
+                    ignore_subscribe_messages=True, timeout=_SHARDED_READ_TIMEOUT
+                )
+                if item is not None and item.get("type") == "smessage":
+                    await self._handle(item["data"], handler)
+        finally:
+            await pubsub.aclose()
 
     async def _handle(self, data: bytes, handler: Handler) -> None:
         try:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from signaling import redis_url
+
 # Used only when no JWT key is configured. The server then binds to loopback and says so loudly.
 DEV_JWT_SECRET: Final = "sip-lite-development-secret-do-not-use-in-production"  # noqa: S105 - dev only
 
@@ -32,7 +34,8 @@ def _default_node_id() -> str:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
-    # Redis URL (redis://, rediss://, unix://). Unset: the embedded in-memory store (one process only).
+    # Redis URL: redis://, rediss://, unix://, redis+cluster://, redis+sentinel:// (see signaling.redis_url).
+    # Unset: the embedded in-memory store (one process only).
     redis_url: str | None = None
     redis_prefix: str = "siplite:"
     # JWT verification: a shared secret (HS256) or a PEM public key file (ES256/RS256).
@@ -160,8 +163,11 @@ class Settings:
             raise ConfigError("SIPLITE_LOG_FORMAT must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("SIPLITE_LOG_LEVEL must be debug, info, warning or error")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("SIPLITE_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None:
+            try:
+                redis_url.parse(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(f"SIPLITE_REDIS_URL: {exc}") from None
         return self
 
 

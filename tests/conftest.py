@@ -14,7 +14,7 @@ from signaling.store import MemoryStore, Store
 from signaling.store.redis import RedisStore
 from tests.apns_server import ApnsPki, ApnsServer, make_pki
 from tests.harness import Harness, make_settings, running
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
 
 # --- time --------------------------------------------------------------------------------------------------------
 
@@ -41,6 +41,34 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """One real Redis Cluster (three masters, no replicas) for the whole session, started on first use."""
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> Iterator[str]:
+    """The session cluster's `redis+cluster://` URL, every node emptied so the test starts from nothing."""
+    redis_cluster.flush()
+    yield redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServers]:
+    """A real redis-server and a Sentinel monitoring it, for the whole session, started on first use."""
+    with RedisSentinelServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: RedisSentinelServers) -> Iterator[str]:
+    """The session Sentinel's `redis+sentinel://` URL, its master emptied so the test starts from nothing."""
+    redis_sentinel.flush()
+    yield redis_sentinel.url
 
 
 # --- a running server ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Several server processes on one Redis act as one: calls whose parties sit on different nodes.
 
 Three nodes run in this process, each a real aiohttp server on its own socket with its own `RedisStore` and its
-own Redis pub/sub bus, all on the one real redis-server; clients connect to whichever node a load balancer
+own Redis pub/sub bus, all on one real Redis: a single redis-server, a Redis Cluster of three masters (sharded
+pub/sub for the bus), or a master found through Sentinel. Clients connect to whichever node a load balancer
 would have picked. (Real separate processes, kill -9 and restarts are in the crash tests.)
 """
 
@@ -55,9 +56,14 @@ async def nodes(url: str, clock: ManualClock, names: tuple[str, ...] = ("a", "b"
         yield Cluster(running_nodes)
 
 
-@pytest.fixture
-async def cluster(redis_url: str, manual_clock: ManualClock) -> AsyncIterator[Cluster]:
-    async with nodes(redis_url, manual_clock) as running_nodes:
+REDIS_KINDS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url", "sentinel": "redis_sentinel_url"}
+
+
+@pytest.fixture(params=list(REDIS_KINDS))
+async def cluster(request: pytest.FixtureRequest, manual_clock: ManualClock) -> AsyncIterator[Cluster]:
+    """Three nodes on an empty Redis of each kind."""
+    url: str = request.getfixturevalue(REDIS_KINDS[request.param])
+    async with nodes(url, manual_clock) as running_nodes:
         yield running_nodes
 
 

@@ -56,12 +56,16 @@ class MakeStore(Protocol):
     async def __call__(self, *, device_ttl: float = DEFAULT_DEVICE_TTL) -> Store: ...
 
 
-@pytest.fixture(params=["memory", "redis"])
+REDIS_URL_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url", "sentinel": "redis_sentinel_url"}
+"""The fixture that gives an empty Redis of each kind: one server, a Redis Cluster, a master Sentinel names."""
+
+
+@pytest.fixture(params=["memory", *REDIS_URL_FIXTURES])
 def backend_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the memory backend, else the URL of an empty Redis."""
+    """None for the memory backend, else the URL of an empty Redis of the kind under test."""
     if request.param == "memory":
         return None
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue(REDIS_URL_FIXTURES[request.param])
     return url
 
 

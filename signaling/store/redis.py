@@ -23,6 +23,7 @@ Every method is one round trip (a single command, script, or pipeline), as `sign
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -30,14 +31,14 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
+from signaling import redis_url
 from signaling.clock import Clock
 from signaling.errors import StoreUnavailable
 from signaling.models import (
@@ -571,30 +572,12 @@ def _decode_notice(raw: bytes | str) -> Notice:
     )
 
 
-# --- URL hygiene -------------------------------------------------------------------------------------------------
-
-
-def _describe_url(url: str) -> tuple[str, tuple[str, ...]]:
-    """Where a Redis URL points ("host:port" or a socket path), and the secrets it holds, for error messages."""
-    parts = urlsplit(url)
-    secrets = [parts.password or ""]
-    secrets += parse_qs(parts.query).get("password", [])
-    secrets += [unquote(s) for s in secrets]
-    if parts.scheme == "unix":
-        where = parts.path or "?"
-    else:
-        try:
-            port = parts.port or 6379
-        except ValueError:
-            port = 6379
-        where = f"{parts.hostname or 'localhost'}:{port}"
-    return where, tuple(s for s in set(secrets) if s)
-
-
 class RedisStore:
     """A `Store` in Redis, shared by every process that uses the same server and prefix.
 
-    `url` is a redis-py URL (`redis://[:password@]host:port/db`, `rediss://`, `unix://`); it also names the
+    `url` is one of the forms `signaling.redis_url` describes: one server (`redis://[:password@]host:port/db`,
+    `rediss://`, `unix://`), a Redis Cluster (`redis+cluster://host:port,host:port`) or a master that Sentinel
+    manages (`redis+sentinel://host:port/<master>`); a malformed one raises `ValueError`. It also names the
     server in error messages, with any password removed. `client` replaces the client built from `url`; the
     store then leaves closing it to its owner. Device records expire `device_ttl` seconds after their
     `registered_at`. Every method raises `StoreUnavailable` when Redis fails, except `ping`.
@@ -607,7 +590,7 @@ class RedisStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         device_ttl: float = DEFAULT_DEVICE_TTL,
-        client: redis.asyncio.Redis | None = None,
+        client: redis_url.Client | None = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (they delimit hash tags)")
@@ -618,40 +601,57 @@ class RedisStore:
         self.prefix = prefix
         self._keys = _Keys(prefix)
         self._device_ttl = device_ttl
-        self._where, self._secrets = _describe_url(url)
-        self._owns_client = client is None
+        target = redis_url.parse(url)
+        self._target = target
+        self._where = target.where
+        self._owned: redis_url.RedisClient | None = None
         if client is None:
             # One retry, on connection errors only: it hides a pooled connection that died (say, Redis
-            # restarted) without re-running a command that may have executed before a timeout.
-            client = redis.asyncio.Redis.from_url(
-                url,
+            # restarted) without re-running a command that may have executed before a timeout. (A cluster
+            # client retries by its own rules, after refreshing its map of the slots.)
+            self._owned = target.connect(
                 decode_responses=True,
                 socket_timeout=_SOCKET_TIMEOUT,
                 socket_connect_timeout=_SOCKET_TIMEOUT,
                 retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
             )
+            client = self._owned.client
         self._client = client
 
     async def start(self) -> None:
-        """Check Redis answers and load the scripts; raise `StoreUnavailable` naming host:port otherwise."""
+        """Check Redis answers and load the scripts (on every master of a cluster); raise `StoreUnavailable`
+        naming where Redis was looked for otherwise. A plain URL that leads to a cluster node is refused: the
+        keys of other nodes' slots would fail one by one at run time."""
         try:
+            if isinstance(self._client, redis.asyncio.RedisCluster):
+                # A cluster client refuses PING and SCRIPT LOAD in a pipeline: they are not keyed to a slot.
+                await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES)
+                await self._load_scripts(_SCRIPTS)
+                return
             pipe = self._client.pipeline(transaction=False)
             pipe.ping()
+            pipe.info("cluster")
             for script in _SCRIPTS:
                 pipe.script_load(script.source)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
+            _, cluster, *_ = await pipe.execute()
+        except redis_url.ERRORS as exc:
             raise StoreUnavailable(f"cannot reach Redis at {self._where}: {self._scrub(exc)}") from exc
+        if cluster.get("cluster_enabled"):
+            raise StoreUnavailable(
+                f"Redis at {self._where} is a Redis Cluster node: use a redis+cluster:// URL for a cluster"
+            )
 
     async def close(self) -> None:
         """Close the client if this store built it (an injected client belongs to the caller)."""
-        if self._owns_client:
+        if self._owned is not None:
             with self._translate("close"):
-                await self._client.aclose()
+                await self._owned.aclose()
 
     async def ping(self) -> bool:
-        """True when Redis answers PING now; never raises."""
+        """True when Redis (every master of a cluster) answers PING now; never raises."""
         try:
+            if isinstance(self._client, redis.asyncio.RedisCluster):
+                return bool(await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES))
             return bool(await self._client.ping())
         except Exception:
             return False
@@ -935,16 +935,24 @@ class RedisStore:
             replies = await self._evalsha(calls)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
-                pipe = self._client.pipeline(transaction=False)
-                for script in {calls[i].script for i in missing}:
-                    pipe.script_load(script.source)
-                await pipe.execute()
+                await self._load_scripts({calls[i].script for i in missing})
                 for i, reply in zip(missing, await self._evalsha([calls[i] for i in missing]), strict=True):
                     replies[i] = reply
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
             return replies
+
+    async def _load_scripts(self, scripts: Collection[_Script]) -> None:
+        """SCRIPT LOAD each script: in one pipeline, or on a cluster one command each, sent to every master."""
+        if isinstance(self._client, redis.asyncio.RedisCluster):
+            cluster = self._client
+            await asyncio.gather(*(cluster.script_load(script.source) for script in scripts))
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for script in scripts:
+            pipe.script_load(script.source)
+        await pipe.execute()
 
     async def _evalsha(self, calls: Sequence[_Eval]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -956,7 +964,7 @@ class RedisStore:
     def _translate(self, op: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except redis_url.ERRORS as exc:
             raise StoreUnavailable(f"Redis {op} failed at {self._where}: {self._scrub(exc)}") from exc
 
     def _decode(self, decode: Callable[[], _T]) -> _T:
@@ -969,7 +977,4 @@ class RedisStore:
             ) from exc
 
     def _scrub(self, exc: BaseException) -> str:
-        message = f"{type(exc).__name__}: {exc}"
-        for secret in self._secrets:
-            message = message.replace(secret, "***")
-        return message
+        return self._target.explain(exc)
