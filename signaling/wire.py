@@ -18,6 +18,7 @@ from typing import Any, Final
 import msgpack
 
 from signaling.errors import (
+    AuthenticationFailed,
     InvalidField,
     MalformedFrame,
     MissingField,
@@ -391,6 +392,19 @@ def _matching(obj: dict[str, Any], name: str, pattern: re.Pattern[str], what: st
     return value
 
 
+def _token(obj: dict[str, Any]) -> str:
+    """REGISTER's token. One that is missing, blank, not a string or too long is refused like a forged one (401,
+    then close 4401): no REGISTER goes on without proof of who is registering."""
+    value = obj.get("token")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise AuthenticationFailed("token missing")
+    if not isinstance(value, str):
+        raise AuthenticationFailed("token must be a string")
+    if len(value) > MAX_TOKEN_LEN:
+        raise AuthenticationFailed(f"token longer than {MAX_TOKEN_LEN} characters")
+    return value
+
+
 def _call_id(obj: dict[str, Any]) -> str:
     return _matching(obj, "call_id", _TOKEN_ID, "1-128 characters of A-Z a-z 0-9 . _ ~ : @ + -")
 
@@ -481,7 +495,7 @@ def _parse(obj: dict[str, Any], kind: str, seq: int) -> Inbound:
     if kind == Method.REGISTER:
         return Register(
             seq=seq,
-            token=_req_str(obj, "token", MAX_TOKEN_LEN),
+            token=_token(obj),
             device_id=_matching(obj, "device_id", _TOKEN_ID, "1-128 characters of A-Z a-z 0-9 . _ ~ : @ + -"),
             push=_push(obj.get("push")),
         )

@@ -40,9 +40,8 @@ async def test_register_binds_the_authenticated_user(sip: Harness) -> None:
         (lambda sip: sip.token("alice", key="another-secret-of-sufficient-length!!"), "signature"),
         (lambda sip: sip.token("alice", ttl=-120), "expired"),
         (lambda sip: "not.a.jwt", "malformed"),
-        (lambda sip: "", "malformed"),
     ],
-    ids=["forged", "expired", "garbage", "empty"],
+    ids=["forged", "expired", "garbage"],
 )
 async def test_bad_tokens_get_401_and_the_socket_closed(sip: Harness, make_token: object, detail: str) -> None:
     client = await sip.connect()
@@ -54,12 +53,41 @@ async def test_bad_tokens_get_401_and_the_socket_closed(sip: Harness, make_token
     assert (await sip.board.store.presence("alice")).bindings == ()
 
 
-async def test_missing_token_is_refused(sip: Harness) -> None:
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        ({}, "token missing"),
+        ({"token": None}, "token missing"),
+        ({"token": ""}, "token missing"),
+        ({"token": "   "}, "token missing"),
+        ({"token": 12345}, "token must be a string"),
+        ({"token": {"sub": "alice"}}, "token must be a string"),
+        ({"token": "e" * 8193}, "token longer than 8192 characters"),
+    ],
+    ids=["absent", "null", "empty", "blank", "integer", "map", "oversized"],
+)
+async def test_missing_token_is_refused(sip: Harness, fields: dict[str, Any], detail: str) -> None:
+    """No token is treated as a forged one: 401, then close 4401, and nothing registered."""
     client = await sip.connect()
     with pytest.raises(ClientError) as refused:
-        await client.request("register", device_id="phone")
-    assert (refused.value.code, refused.value.error) == (400, "missing_field")
-    assert refused.value.response["field"] == "token"
+        await client.request("register", device_id="alice-phone", **fields)
+    response = refused.value.response
+    assert (response["code"], response["error"], response["method"], response["detail"]) == (
+        401,
+        "auth_failed",
+        "register",
+        detail,
+    )
+    assert (await client.wait_closed()).code == 4401
+    assert (await sip.board.store.presence("alice")).bindings == ()
+
+
+async def test_a_renewal_without_a_token_closes_the_registered_connection(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    with pytest.raises(ClientError) as refused:
+        await alice.request("register", device_id="alice-phone")
+    assert (refused.value.code, refused.value.error) == (401, "auth_failed")
+    assert (await alice.wait_closed()).code == 4401
 
 
 async def test_a_connection_cannot_switch_user(sip: Harness) -> None:

@@ -153,7 +153,13 @@ INVALID: list[tuple[bytes | str, int, str, str | None]] = [
     (frame(type="invite", seq=1, call_id="c", to="bob", sdp=b"v=0"), 400, "invalid_field", "sdp"),
     (frame(type="invite", seq=1, call_id="c", to="b b", sdp="v=0"), 400, "invalid_field", "to"),
     (frame(type="invite", seq=1, call_id="c", to="bob", sdp="v", video="yes"), 400, "invalid_field", "video"),
-    (frame(type="register", seq=1, device_id="d"), 400, "missing_field", "token"),
+    # Any token that cannot be verified is an authentication failure, however it is wrong (the connection closes).
+    (frame(type="register", seq=1, device_id="d"), 401, "auth_failed", None),
+    (frame(type="register", seq=1, token=None, device_id="d"), 401, "auth_failed", None),
+    (frame(type="register", seq=1, token=" ", device_id="d"), 401, "auth_failed", None),
+    (frame(type="register", seq=1, token=7, device_id="d"), 401, "auth_failed", None),
+    (frame(type="register", seq=1, token=["a.b.c"], device_id="d"), 401, "auth_failed", None),
+    (frame(type="register", seq=1, token="x" * 8193, device_id="d"), 401, "auth_failed", None),
     (frame(type="register", seq=1, token="t", device_id="d", push=[]), 400, "invalid_field", "push"),
     (
         frame(type="register", seq=1, token="t", device_id="d", push={"bundle_id": "com.x.y"}),
