@@ -89,8 +89,10 @@ async def test_serve_with_defaults_token_and_sigterm() -> None:
         assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
 
 
-async def test_serve_with_redis(redis_url: str) -> None:
-    environ = env(SIPLITE_REDIS_URL=redis_url, SIPLITE_JWT_SECRET="s" * 32)
+@pytest.mark.parametrize("url_fixture", ["redis_url", "redis_cluster_url", "redis_sentinel_url"])
+async def test_serve_with_redis(request: pytest.FixtureRequest, url_fixture: str) -> None:
+    """One server, a Redis Cluster, a master found through Sentinel: each is reached by its URL alone."""
+    environ = env(SIPLITE_REDIS_URL=request.getfixturevalue(url_fixture), SIPLITE_JWT_SECRET="s" * 32)
     async with serving(environ) as (proc, base, log):
         assert "store.embedded" not in [line["event"] for line in log]
         async with aiohttp.ClientSession() as session, session.get(base + "/readyz") as resp:
@@ -99,12 +101,24 @@ async def test_serve_with_redis(redis_url: str) -> None:
         assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
 
 
-async def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
-    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
-    code, _, err = await run_cli("serve", environ=env(SIPLITE_REDIS_URL=url))
+@pytest.mark.parametrize(
+    ("template", "where"),
+    [
+        ("redis://:hunter2-secret@127.0.0.1:{port}/0", "at 127.0.0.1:{port}"),
+        ("redis+cluster://:hunter2-secret@127.0.0.1:{port},127.0.0.1:{port}", "at cluster 127.0.0.1:{port}"),
+        (
+            "redis+sentinel://:hunter2-secret@127.0.0.1:{port}/main",
+            "at master 'main' of Sentinel 127.0.0.1:{port}",
+        ),
+    ],
+)
+async def test_unreachable_redis_fails_fast_with_a_clear_message(template: str, where: str) -> None:
+    port = free_port()
+    code, _, err = await run_cli("serve", environ=env(SIPLITE_REDIS_URL=template.format(port=port)))
     assert code == 3
-    assert "cannot reach Redis" in err
+    assert f"cannot reach Redis {where.format(port=port)}" in err
     assert "hunter2" not in err
+    assert "<redis." not in err  # no client reprs
 
 
 @pytest.mark.parametrize(
@@ -115,6 +129,7 @@ async def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
         ({"SIPLITE_JWT_SECRET": "short"}, "SIPLITE_JWT_SECRET"),
         ({"SIPLITE_HOST": "0.0.0.0"}, "no JWT key configured"),  # noqa: S104 - refusing it is the point
         ({"SIPLITE_REDIS_URL": "http://x"}, "SIPLITE_REDIS_URL"),
+        ({"SIPLITE_REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "SIPLITE_REDIS_URL: a Sentinel URL names"),
         (
             {"SIPLITE_APNS_KEY_FILE": "/nonexistent/AuthKey.p8"},
             "SIPLITE_APNS_KEY_FILE: APNs key_file: cannot read",

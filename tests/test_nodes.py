@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+import redis.asyncio
 
 from push.dev import DevelopmentProvider
 from signaling.bus import RedisBus
@@ -22,7 +23,7 @@ from signaling.client import CallFailed, Client, ClientError, OutgoingCall, Reco
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 PHONE = "0a" * 32
 CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
@@ -220,6 +221,28 @@ async def test_no_stranger_on_another_node_can_touch_a_call(cluster: Cluster) ->
     await mallory.send({"type": "response", "seq": 1, "method": "invite", "call_id": call.call_id, "code": 180})
     assert (await mallory.next_event("error"))["code"] == 481
     assert call.responses[-1]["code"] == 100  # the caller heard nothing of it
+
+
+async def test_on_a_redis_cluster_the_bus_is_sharded_pub_sub(
+    redis_cluster: RedisClusterServers, redis_cluster_url: str, manual_clock: ManualClock
+) -> None:
+    async with nodes(redis_cluster_url, manual_clock) as running_nodes:
+        shard_channels: list[bytes | str] = []
+        classic_channels: list[bytes | str] = []
+        for server in redis_cluster.servers:
+            async with redis.asyncio.Redis.from_url(server.url, decode_responses=True) as master:
+                shard_channels += await master.pubsub_shardchannels()
+                classic_channels += await master.pubsub_channels()
+        bus = running_nodes["a"].board.bus
+        assert isinstance(bus, RedisBus)
+        assert sorted(shard_channels) == [bus.channel(f"node-{name}") for name in "abc"]
+        assert classic_channels == []
+        # A call between nodes travels over those channels (SPUBLISH), both ways.
+        alice = await running_nodes["a"].device("alice")
+        bob = await running_nodes["b"].device("bob")
+        call = await alice.invite("bob", OFFER)
+        await (await bob.incoming()).answer(ANSWER)
+        assert (await call.answered())["sdp"] == ANSWER
 
 
 # ---------------------------------------------------------------------------------------------- Redis restarts

@@ -18,6 +18,7 @@ import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from signaling import redis_url
 from signaling.clock import ManualClock
 from signaling.errors import StoreUnavailable
 from signaling.models import (
@@ -35,7 +36,7 @@ from signaling.models import (
 from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered, Store
 from signaling.store.memory import DEFAULT_DEVICE_TTL, SWEEP_INTERVAL, MemoryStore
 from signaling.store.redis import GC_SLACK, RedisStore
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisClusterServers, RedisServer, free_port
 
 PUSH = PushBinding(
     platform=Platform.IOS,
@@ -94,19 +95,37 @@ async def store(make_store: MakeStore) -> Store:
     return await make_store()
 
 
+@dataclass(frozen=True)
+class EmptyRedis:
+    url: str
+    """What a store is given."""
+    masters: tuple[str, ...]
+    """A `redis://` URL for each master (one, or each of a cluster's), for per-server statistics."""
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def empty_redis(request: pytest.FixtureRequest) -> EmptyRedis:
+    """An empty redis-server, or an empty Redis Cluster, for the tests that look at what the store wrote."""
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        return EmptyRedis(url, (url,))
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    return EmptyRedis(request.getfixturevalue("redis_cluster_url"), tuple(s.url for s in cluster.servers))
+
+
 @pytest.fixture
-async def redis_store(redis_url: str, manual_clock: ManualClock) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_url, manual_clock)
+async def redis_store(empty_redis: EmptyRedis, manual_clock: ManualClock) -> AsyncIterator[RedisStore]:
+    store = RedisStore(empty_redis.url, manual_clock)
     await store.start()
     yield store
     await store.close()
 
 
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """A separate client for looking behind the store's back."""
-    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
-    yield client
+async def redis_client(empty_redis: EmptyRedis) -> AsyncIterator[redis_url.Client]:
+    """A separate client for looking behind the store's back (a cluster client on a cluster)."""
+    client = redis_url.parse(empty_redis.url).connect(decode_responses=True)
+    yield client.client
     await client.aclose()
 
 
@@ -1104,7 +1123,7 @@ def test_backends_agree_on_random_histories(redis_server: RedisServer, history: 
 
 
 async def test_redis_key_layout(
-    redis_store: RedisStore, redis_client: redis.asyncio.Redis, manual_clock: ManualClock
+    redis_store: RedisStore, redis_client: redis_url.Client, manual_clock: ManualClock
 ) -> None:
     await register(redis_store, manual_clock, "alice", "phone", "c1")
     await register(redis_store, manual_clock, "{bob}", "a:b", "c2")
@@ -1133,9 +1152,9 @@ async def test_redis_key_layout(
 
 @pytest.mark.parametrize("prefix", ["siplite:", "test:other:"])
 async def test_every_redis_key_has_the_prefix_and_a_ttl(
-    redis_url: str, redis_client: redis.asyncio.Redis, manual_clock: ManualClock, prefix: str
+    empty_redis: EmptyRedis, redis_client: redis_url.Client, manual_clock: ManualClock, prefix: str
 ) -> None:
-    store = RedisStore(redis_url, manual_clock, prefix=prefix, device_ttl=3600)
+    store = RedisStore(empty_redis.url, manual_clock, prefix=prefix, device_ttl=3600)
     await store.start()
     try:
         for user_id in ["alice", "bob", "{x}"]:
@@ -1176,20 +1195,43 @@ async def test_every_redis_key_has_the_prefix_and_a_ttl(
     assert 30 + GC_SLACK - 1 <= await redis_client.ttl(f"{prefix}push:{{call-1}}:phone") <= 30 + GC_SLACK
 
 
+@pytest.fixture
+async def masters(empty_redis: EmptyRedis) -> AsyncIterator[list[redis.asyncio.Redis]]:
+    """A plain client on each master, for what only a server can tell about itself (its statistics)."""
+    clients = [redis.asyncio.Redis.from_url(url) for url in empty_redis.masters]
+    yield clients
+    for client in clients:
+        await client.aclose()
+
+
 async def test_each_operation_sends_one_batch_of_commands(
-    redis_store: RedisStore, redis_client: redis.asyncio.Redis, manual_clock: ManualClock
+    redis_store: RedisStore, masters: list[redis.asyncio.Redis], manual_clock: ManualClock
 ) -> None:
-    """What each operation sends: one command, or EVALSHAs in one pipeline, and never a hidden SCRIPT EXISTS."""
+    """What each operation sends: one command, or EVALSHAs in one pipeline, and never a hidden SCRIPT EXISTS.
+    On a cluster the same commands go out, split by node (the counts are summed over the masters), and
+    nothing else: no slot-map refresh, no MOVED retries."""
     clock = manual_clock
-    # Commands a script runs inside Redis show up in the statistics too; these are the ones a client sends.
-    sent_by_client = ("evalsha", "eval", "script", "multi", "exec", "ping")
+
+    async def counted(operation: Callable[[], Awaitable[object]], *, scripts: bool) -> dict[str, int]:
+        # Commands a script runs inside Redis show up in the statistics too: with `scripts`, only the ones a
+        # client sends are counted.
+        for master in masters:
+            await master.config_resetstat()
+        await operation()
+        calls: dict[str, int] = {}
+        for master in masters:
+            for name, value in (await master.info("commandstats")).items():
+                name = name.removeprefix("cmdstat_")
+                if not name.startswith(("config", "info")):
+                    calls[name] = calls.get(name, 0) + int(value["calls"])
+        sent_by_client = ("evalsha", "eval", "script", "multi", "exec", "ping", "cluster")
+        return {name: n for name, n in calls.items() if not scripts or name.startswith(sent_by_client)}
 
     async def sent(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
-        await redis_client.config_resetstat()
-        await operation()
-        stats = await redis_client.info("commandstats")
-        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
-        return {name: n for name, n in calls.items() if name.startswith(sent_by_client)}
+        return await counted(operation, scripts=True)
+
+    async def plain(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
+        return await counted(operation, scripts=False)
 
     binding = make_binding(clock)
     device = make_device(clock)
@@ -1210,13 +1252,6 @@ async def test_each_operation_sends_one_batch_of_commands(
     assert await sent(lambda: redis_store.claim_push("call-1", "phone", 30)) == {"evalsha": 1}
     assert await sent(lambda: redis_store.reject_token("alice", "phone", "ab" * 32, None)) == {"evalsha": 1}
 
-    async def plain(operation: Callable[[], Awaitable[object]]) -> dict[str, int]:
-        await redis_client.config_resetstat()
-        await operation()
-        stats = await redis_client.info("commandstats")
-        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
-        return {name: n for name, n in calls.items() if not name.startswith(("config", "info"))}
-
     assert await plain(lambda: redis_store.update_call(make_call(), 60)) == {"set": 1}
     assert await plain(lambda: redis_store.get_call("call-1")) == {"get": 1}
     assert await plain(lambda: redis_store.close_call("call-1")) == {"del": 1}
@@ -1224,6 +1259,38 @@ async def test_each_operation_sends_one_batch_of_commands(
     assert await sent(lambda: redis_store.update_call(make_call(), 60, parties=parties)) == {"evalsha": 3}
     closing = {"del": 1, "evalsha": 2, "hdel": 2}  # the HDELs run inside the scripts
     assert await plain(lambda: redis_store.close_call("call-1", parties=parties)) == closing
+
+
+async def test_on_a_redis_cluster_each_users_keys_share_a_slot_and_users_spread_over_the_masters(
+    redis_cluster: RedisClusterServers, redis_cluster_url: str, manual_clock: ManualClock
+) -> None:
+    users = [f"user-{i}" for i in range(9)]
+    store = RedisStore(redis_cluster_url, manual_clock)
+    await store.start()
+    try:
+        for user in users:
+            for device_id in ("phone", "ipad"):
+                await register(store, manual_clock, user, device_id, "c1")
+            notice = make_notice(manual_clock)
+            await store.add_notices(user, [("phone", notice), ("ipad", notice)])
+            ref = CallRef(f"call-{user}", "node-a", caller_id="carol")
+            await store.claim_push(f"call-{user}", "phone", ttl=30, waking=(user, ref))
+            await store.open_call(make_call(f"call-{user}", user), ttl=60)
+    finally:
+        await store.close()
+
+    slots: dict[str, set[int]] = {}
+    holders: dict[str, set[int]] = {}
+    for server in redis_cluster.servers:
+        async with redis.asyncio.Redis.from_url(server.url, decode_responses=True) as node:
+            async for key in node.scan_iter():
+                tag = key[key.index("{") + 1 : key.index("}")]
+                slots.setdefault(tag, set()).add(await node.cluster("KEYSLOT", key))
+                holders.setdefault(tag, set()).add(server.port)
+    # A user's devices, bindings, notices and waking calls; a call's record and its push claims.
+    assert set(slots) == {*users, *(f"call-{user}" for user in users)}
+    assert all(len(tag_slots) == 1 for tag_slots in slots.values())
+    assert len(set().union(*holders.values())) == len(redis_cluster.servers)
 
 
 @pytest.fixture
