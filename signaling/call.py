@@ -325,6 +325,9 @@ class Leg:
     # Candidates a ringing device trickles before it answers; relayed only if it wins, so the caller never sees
     # candidates of a device that did not answer.
     candidates: list[IceCandidate] = field(default_factory=list)
+    # Offers the caller sent by UPDATE while this device rang, not yet answered by it. Its answer to the INVITE
+    # counts only at 0: before that it may answer an offer the caller has already replaced.
+    updates_unanswered: int = 0
 
 
 @dataclass(slots=True)
@@ -517,6 +520,8 @@ class Call:
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
         if e.code not in (100, 180, 183):
             raise InvalidInState(f"provisional response {e.code} is not relayed; send 100, 180 or 183")
+        if e.sdp is not None:
+            self._check_offer_taken(leg)
         effects = self._acknowledged(leg)
         if e.code == 100:
             return effects  # "trying": the device has the INVITE; nothing for the caller yet
@@ -532,6 +537,7 @@ class Call:
 
     def _on_answer(self, e: LegAnswered, now: float) -> list[Effect]:
         leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        self._check_offer_taken(leg)
         effects: list[Effect] = self._acknowledged(leg)
         leg.state = LegState.ANSWERED
         self.answered_by = e.device_id
@@ -660,6 +666,7 @@ class Call:
         woken = leg.state is LegState.WAKING
         leg.state = LegState.OFFERED
         leg.push_failed = False
+        leg.updates_unanswered = 0  # the INVITE it gets now carries the latest offer
         effects: list[Effect] = [SendToDevice(e.device_id, self._offer())]
         effects += [SendToDevice(e.device_id, IceRelay(self.call_id, c)) for c in self.caller_candidates]
         if woken and not self.connect_reported:
@@ -683,6 +690,37 @@ class Call:
             raise LimitExceeded(f"more than {MAX_BUFFERED_CANDIDATES} candidates before answer")
         leg.candidates.append(e.ice)
         return [self._ok(e.device_id, e.seq, Method.ICE)]
+
+    def _check_offer_taken(self, leg: Leg) -> None:
+        if leg.updates_unanswered:
+            raise RequestPending(
+                "the caller sent a newer offer (update) that this device has not answered; answer the update, "
+                "then answer the invite again with an answer to that offer"
+            )
+
+    def _on_update_ringing(self, e: UpdateReceived, now: float) -> list[Effect]:
+        self._check_party(e)
+        if e.device_id is not None:
+            raise InvalidInState("a ringing device sends its offer changes after it has answered the INVITE")
+        self.offer = e.sdp
+        relay = UpdateRelay(self.call_id, e.sdp)
+        effects: list[Effect] = [self._ok(None, e.seq, Method.UPDATE)]
+        for leg in self.legs.values():
+            if leg.state in LIVE_LEG_STATES:
+                leg.updates_unanswered += 1
+                effects.append(SendToDevice(leg.device_id, relay))
+        return effects
+
+    def _on_update_answer_ringing(self, e: UpdateAnswered, now: float) -> list[Effect]:
+        if e.device_id is None:
+            raise InvalidInState("there is no UPDATE awaiting this side's answer")
+        leg = self._leg(e.device_id, *LIVE_LEG_STATES)
+        if not leg.updates_unanswered:
+            raise InvalidInState("there is no UPDATE awaiting this side's answer")
+        if e.code >= 300:
+            return self._on_reject(LegRejected(e.device_id, e.code), now)
+        leg.updates_unanswered -= 1
+        return []
 
     # ------------------------------------------------------------------------------------------ answered
 
@@ -748,6 +786,11 @@ class Call:
         ]
 
     def _on_update_answer(self, e: UpdateAnswered, now: float) -> list[Effect]:
+        leg = self.legs.get(e.device_id) if e.device_id is not None else None
+        if leg is not None and leg.state is LegState.CANCELLED and leg.updates_unanswered:
+            # A device that lost the answer race answering an offer sent while it rang, crossing its CANCEL.
+            leg.updates_unanswered -= 1
+            return []
         self._check_party(e)
         pending = self.pending_update
         # The answer must come from the side the UPDATE was relayed to.
@@ -794,6 +837,8 @@ TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
     (_R, PushAccepted): Call._on_push_accepted,  # type: ignore[dict-item]
     (_R, PushFailed): Call._on_push_failed,  # type: ignore[dict-item]
     (_R, DeviceConnected): Call._on_device_connected,  # type: ignore[dict-item]
+    (_R, UpdateReceived): Call._on_update_ringing,  # type: ignore[dict-item]
+    (_R, UpdateAnswered): Call._on_update_answer_ringing,  # type: ignore[dict-item]
     (_A, PushAccepted): Call._on_ignored,
     (_A, PushFailed): Call._on_ignored,
     (_A, DeviceConnected): Call._on_ignored,
@@ -810,6 +855,7 @@ TRANSITIONS: Final[dict[tuple[CallState, type[Event]], Step]] = {
     (_A, CallerLost): Call._on_party_lost,  # type: ignore[dict-item]
     (_A, LegLost): Call._on_party_lost,  # type: ignore[dict-item]
     (_A, IceReceived): Call._on_ice_connected,  # type: ignore[dict-item]
+    (_A, UpdateAnswered): Call._on_update_answer,  # type: ignore[dict-item]
     (_E, LegAnswered): Call._on_late_answer,  # type: ignore[dict-item]
     (_E, LegRejected): Call._on_late_reject,  # type: ignore[dict-item]
     (_E, HangupReceived): Call._on_hangup,  # type: ignore[dict-item]

@@ -49,9 +49,11 @@ TRIGGERS: Final[dict[str, str]] = {
 # What a handler does, for handlers without a docstring. Wire terms; keep each to a sentence or three.
 SUMMARIES: Final[dict[str, str]] = {
     "_on_progress": "The first 180 or 183 of the call is relayed to the caller; later 180s are dropped; every 183 "
-    "is relayed with its `sdp`. Any other 1xx is refused (481 `invalid_state`).",
+    "is relayed with its `sdp`. Any other 1xx is refused (481 `invalid_state`); a 183 with `sdp` from a device "
+    "that owes an answer to an `update` is refused as a 200 would be.",
     "_on_answer": "This device wins: 200 with its `sdp` to the caller, then the device's held ICE candidates, "
-    "then `cancel` `answered_elsewhere` to every other ringing device.",
+    "then `cancel` `answered_elsewhere` to every other ringing device. From a device that has not answered "
+    "every `update` the caller sent while it rang: refused (491 `request_pending`), and it keeps ringing.",
     "_on_reject": "603: 603 to the caller, `cancel` `declined_elsewhere` to the other ringing devices. Other "
     "codes: this leg fails; once no device is left ringing the caller gets 486 if any device sent 486, "
     "else 488 if any sent 488, else 480.",
@@ -87,7 +89,14 @@ SUMMARIES: Final[dict[str, str]] = {
     "_on_update": "Relayed to the other party as `update`; the update timer starts. While another UPDATE is "
     "pending, either way: 491 `request_pending`.",
     "_on_update_answer": "From the party the UPDATE was relayed to: a 1xx is dropped; a final code is relayed "
-    "(with its `sdp`) as the final response to the UPDATE. Otherwise 481 `invalid_state`.",
+    "(with its `sdp`) as the final response to the UPDATE. From a device that lost the answer race, answering "
+    "an `update` sent while it rang: nothing. Otherwise 481 `invalid_state`.",
+    "_on_update_ringing": "From the caller: its `sdp` replaces the offer. 200 to it at once; `update` with the "
+    "new offer to every ringing device (a device woken later gets it in its `invite`). The answer to it comes in "
+    "the 200 to the `invite`. From a ringing device: 481 `invalid_state`.",
+    "_on_update_answer_ringing": "From a ringing device that owes an answer to an `update`: 100-299 takes the "
+    "new offer (nothing is relayed); 300-699 rejects the call as that code in a `response` to the `invite` "
+    "would. Otherwise 481 `invalid_state`.",
     "_on_update_timer": "Update timeout: 408 to the pending UPDATE. Any other timer: nothing.",
     "_on_ice_connected": "200 to the sender, relayed to the other party.",
 }

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signaling import call as core
+from signaling.docs import states_reached
 from signaling.errors import InvalidInState, NoSuchCall, PeerError, RequestPending
 from signaling.wire import (
+    AckRelay,
     ByeNotice,
     CallKitReason,
     CancelNotice,
     EndReason,
     IceCandidate,
+    IceRelay,
     InviteOffer,
     Method,
     PeerNotice,
     PeerState,
     Response,
     Stage,
+    UpdateRelay,
 )
 
 NOW = 1_000.0
@@ -68,21 +76,9 @@ def call_in(state: core.CallState) -> core.Call:
     return call
 
 
-def snapshot(call: core.Call) -> tuple[object, ...]:
-    return (
-        call.state,
-        call.answered_by,
-        call.pending_update,
-        call.progress_sent,
-        tuple(call.caller_candidates),
-        call.push_reported,
-        call.connect_reported,
-        tuple(sorted(call.detached, key=str)),
-        tuple(
-            (d, leg.state, leg.code, tuple(leg.candidates), leg.acked, leg.pushed, leg.push_failed)
-            for d, leg in sorted(call.legs.items())
-        ),
-    )
+def snapshot(call: core.Call) -> dict[str, Any]:
+    """Everything the call holds, deep-copied: a refused event must leave all of it as it was."""
+    return copy.deepcopy(dict(vars(call)))
 
 
 def sample_events(kind: type[core.Event]) -> list[core.Event]:
@@ -116,19 +112,327 @@ ALL_PAIRS = [(state, kind) for state in core.CallState for kind in core.EVENT_TY
 
 @pytest.mark.parametrize(("state", "kind"), ALL_PAIRS, ids=[f"{s}-{k.__name__}" for s, k in ALL_PAIRS])
 def test_every_state_and_event_pair(state: core.CallState, kind: type[core.Event]) -> None:
-    """A pair in the table is handled; any other is refused with a 481 and leaves the call untouched."""
+    """Outside the table: refused with a 481, the call untouched. In it: each sample from the caller, a device or a
+    stranger is either refused (481, or 491) with the call untouched, or handled, leaving the call in a state the
+    table's "Can move to" column allows, and finished (once) exactly when it ended."""
+    handler = core.TRANSITIONS.get((state, kind))
+    allowed = {state} | (states_reached(handler) if handler is not None else set())
     for event in sample_events(kind):
         call = call_in(state)
         before = snapshot(call)
         try:
-            call.handle(event, NOW)
+            effects = call.handle(event, NOW)
         except PeerError as exc:
             assert snapshot(call) == before, f"{event} changed the call although it was refused"
-            if (state, kind) not in core.TRANSITIONS:
+            if handler is None:
                 assert isinstance(exc, InvalidInState | NoSuchCall)
                 assert exc.code == 481
+            else:
+                assert exc.code in (481, 491), f"{event}: {exc!r}"
         else:
-            assert (state, kind) in core.TRANSITIONS, f"{event} accepted in {state} outside the table"
+            assert handler is not None, f"{event} accepted in {state} outside the table"
+            assert call.state in allowed, f"{event} moved the call to {call.state}; the table allows {allowed}"
+            finished = [e for e in effects if isinstance(e, core.CallFinished)]
+            assert len(finished) == (call.state is core.CallState.ENDED), f"{event}: {effects}"
+
+
+# ---------------------------------------------------------------------------------------------- every row, exactly
+
+OFFER1 = "offer"
+OFFER2 = "offer 2"
+
+
+def ringing_with_update() -> core.Call:
+    """A ringing call whose caller replaced its offer; neither online device has answered the update yet."""
+    call = call_in(core.CallState.RINGING)
+    call.handle(core.UpdateReceived(19, None, OFFER2), NOW)
+    return call
+
+
+def answered_after_update() -> core.Call:
+    """d1 took the caller's new offer and answered; d2, cancelled, still owes its answer to the update."""
+    call = ringing_with_update()
+    call.handle(core.UpdateAnswered("d1", 100, None), NOW)
+    call.handle(core.LegAnswered("d1", "answer"), NOW)
+    return call
+
+
+def after(state: core.CallState, *events: core.Event) -> Callable[[], core.Call]:
+    def prepare() -> core.Call:
+        call = call_in(state)
+        for event in events:
+            call.handle(event, NOW)
+        return call
+
+    return prepare
+
+
+@dataclass
+class Row:
+    """What one row of the table does to a call prepared as `prepare` says (default: `call_in(state)`)."""
+
+    event: core.Event
+    state: core.CallState
+    effects: list[core.Effect]
+    prepare: Callable[[], core.Call] | None = None
+    legs: dict[str, core.LegState] = field(default_factory=dict)
+
+
+_R, _A, _E, _X = (
+    core.CallState.RINGING,
+    core.CallState.ANSWERED,
+    core.CallState.ESTABLISHED,
+    core.CallState.ENDED,
+)
+L = core.LegState
+K = core.TimerKind
+
+
+def to_caller(seq: int, method: Method, code: int, **extra: Any) -> core.SendToCaller:
+    return core.SendToCaller(Response(seq, method, code, "c1", **extra))
+
+
+def to_device(device_id: str, seq: int, method: Method, code: int) -> core.SendToDevice:
+    return core.SendToDevice(device_id, Response(seq, method, code, "c1"))
+
+
+def cancel(device_id: str, reason: EndReason) -> core.SendToDevice:
+    return core.SendToDevice(device_id, CancelNotice("c1", reason))
+
+
+def finish(reason: EndReason | None, code: int | None, *extra: core.Effect) -> list[core.Effect]:
+    """`_finish`'s effects for the standard call: every timer stopped, then CallFinished."""
+    stops = [core.StopTimer(K.RING), core.StopTimer(K.UPDATE), core.StopTimer(K.LEG_ACK, "d1")]
+    return [*stops, core.StopTimer(K.LEG_ACK, "d3"), *extra, core.CallFinished(reason, code)]
+
+
+def unanswered_end(reason: EndReason, callkit: CallKitReason) -> list[core.Effect]:
+    """Both online devices cancelled, the waking one told, and every device that never rang told it missed."""
+    return [
+        cancel("d1", reason),
+        cancel("d2", reason),
+        core.RecordEnded("d3", callkit),
+        core.RecordMissed("d3"),
+        core.RecordMissed("d9"),
+    ]
+
+
+RECONNECTING = PeerNotice("c1", PeerState.RECONNECTING)
+CONNECTED = PeerNotice("c1", PeerState.CONNECTED)
+OFFER_RELAY = UpdateRelay("c1", OFFER2)
+ROWS: dict[tuple[core.CallState, type[core.Event]], Row] = {
+    (_R, core.LegProgressed): Row(
+        core.LegProgressed("d2", 180),
+        _R,
+        [to_caller(7, Method.INVITE, 180, stage=Stage.RINGING, at=NOW)],
+        legs={"d2": L.RINGING},
+    ),
+    (_R, core.LegAnswered): Row(
+        core.LegAnswered("d2", "answer"),
+        _A,
+        [
+            core.StopTimer(K.RING),
+            to_caller(7, Method.INVITE, 200, sdp="answer", stage=Stage.ANSWERED, at=NOW),
+            cancel("d1", EndReason.ANSWERED_ELSEWHERE),
+            core.RecordEnded("d3", CallKitReason.ANSWERED_ELSEWHERE),
+            core.CallAnswered("d2"),
+        ],
+        legs={"d1": L.CANCELLED, "d2": L.ANSWERED, "d3": L.CANCELLED},
+    ),
+    (_R, core.LegRejected): Row(
+        core.LegRejected("d1", 603),
+        _X,
+        [
+            core.StopTimer(K.LEG_ACK, "d1"),
+            to_caller(7, Method.INVITE, 603),
+            cancel("d2", EndReason.DECLINED_ELSEWHERE),
+            core.RecordEnded("d3", CallKitReason.DECLINED_ELSEWHERE),
+            *finish(EndReason.DECLINED_ELSEWHERE, 603),
+        ],
+        legs={"d1": L.REJECTED, "d2": L.CANCELLED, "d3": L.CANCELLED},
+    ),
+    (_R, core.LegLost): Row(core.LegLost("d2"), _R, [], legs={"d2": L.GONE}),
+    (_R, core.CallerCancelled): Row(
+        core.CallerCancelled(20),
+        _X,
+        [
+            to_caller(20, Method.CANCEL, 200),
+            to_caller(7, Method.INVITE, 487),
+            *unanswered_end(EndReason.CALLER_CANCELLED, CallKitReason.REMOTE_ENDED),
+            *finish(EndReason.CALLER_CANCELLED, 487),
+        ],
+    ),
+    (_R, core.HangupReceived): Row(
+        core.HangupReceived(20, None),
+        _X,
+        [
+            to_caller(20, Method.BYE, 200),
+            to_caller(7, Method.INVITE, 487),
+            *unanswered_end(EndReason.CALLER_CANCELLED, CallKitReason.REMOTE_ENDED),
+            *finish(EndReason.CALLER_CANCELLED, 487),
+        ],
+    ),
+    (_R, core.CallerLost): Row(
+        core.CallerLost(),
+        _X,
+        [
+            *unanswered_end(EndReason.CALLER_GONE, CallKitReason.REMOTE_ENDED),
+            *finish(EndReason.CALLER_GONE, None),
+        ],
+    ),
+    (_R, core.TimerFired): Row(
+        core.TimerFired(K.RING),
+        _X,
+        [
+            to_caller(7, Method.INVITE, 408),
+            *unanswered_end(EndReason.NO_ANSWER, CallKitReason.UNANSWERED),
+            *finish(EndReason.NO_ANSWER, 408),
+        ],
+    ),
+    (_R, core.IceReceived): Row(
+        core.IceReceived(20, None, CAND),
+        _R,
+        [
+            to_caller(20, Method.ICE, 200),
+            core.SendToDevice("d1", IceRelay("c1", CAND)),
+            core.SendToDevice("d2", IceRelay("c1", CAND)),
+        ],
+    ),
+    (_R, core.PushAccepted): Row(
+        core.PushAccepted("d3"), _R, [to_caller(7, Method.INVITE, 183, stage=Stage.PUSH_SENT, at=NOW)]
+    ),
+    (_R, core.PushFailed): Row(core.PushFailed("d3", certain=True), _R, [], legs={"d3": L.GONE}),
+    (_R, core.DeviceConnected): Row(
+        core.DeviceConnected("d3"),
+        _R,
+        [
+            core.SendToDevice("d3", InviteOffer("c1", "alice", "Alice", OFFER1, False)),
+            to_caller(7, Method.INVITE, 183, stage=Stage.CALLEE_CONNECTED, at=NOW),
+        ],
+        legs={"d3": L.OFFERED},
+    ),
+    (_R, core.UpdateReceived): Row(
+        core.UpdateReceived(20, None, OFFER2),
+        _R,
+        [
+            to_caller(20, Method.UPDATE, 200),
+            core.SendToDevice("d1", OFFER_RELAY),
+            core.SendToDevice("d2", OFFER_RELAY),
+        ],
+    ),
+    (_R, core.UpdateAnswered): Row(core.UpdateAnswered("d1", 100, None), _R, [], prepare=ringing_with_update),
+    (_A, core.LegAnswered): Row(core.LegAnswered("d2", "answer"), _A, [], legs={"d2": L.CANCELLED}),
+    (_A, core.LegRejected): Row(core.LegRejected("d2", 487), _A, [], legs={"d2": L.CANCELLED}),
+    (_A, core.LegLost): Row(
+        core.LegLost("d1"), _A, [core.StartTimer(K.REATTACH, NOW + 15, "d1"), core.SendToCaller(RECONNECTING)]
+    ),
+    (_A, core.CallerAcked): Row(core.CallerAcked(20), _E, [core.SendToDevice("d1", AckRelay("c1"))]),
+    (_A, core.CallerLost): Row(
+        core.CallerLost(), _A, [core.StartTimer(K.REATTACH, NOW + 15, None), core.SendToDevice("d1", RECONNECTING)]
+    ),
+    (_A, core.HangupReceived): Row(
+        core.HangupReceived(20, "d1"),
+        _X,
+        [
+            to_device("d1", 20, Method.BYE, 200),
+            core.SendToCaller(ByeNotice("c1", EndReason.REMOTE_HANGUP)),
+            *finish(EndReason.REMOTE_HANGUP, None),
+        ],
+    ),
+    (_A, core.IceReceived): Row(
+        core.IceReceived(20, "d1", CAND),
+        _A,
+        [to_device("d1", 20, Method.ICE, 200), core.SendToCaller(IceRelay("c1", CAND))],
+    ),
+    (_A, core.TimerFired): Row(
+        core.TimerFired(K.REATTACH, "d1"),
+        _X,
+        [
+            core.SendToCaller(ByeNotice("c1", EndReason.PEER_GONE)),
+            *finish(EndReason.PEER_GONE, None, core.StopTimer(K.REATTACH, "d1")),
+        ],
+        prepare=after(_A, core.LegLost("d1")),
+    ),
+    (_A, core.PushAccepted): Row(core.PushAccepted("d3"), _A, []),
+    (_A, core.PushFailed): Row(core.PushFailed("d3", certain=True), _A, [], legs={"d3": L.CANCELLED}),
+    (_A, core.DeviceConnected): Row(core.DeviceConnected("d3"), _A, [], legs={"d3": L.CANCELLED}),
+    (_A, core.PartyReattached): Row(
+        core.PartyReattached(None),
+        _A,
+        [core.StopTimer(K.REATTACH, None), core.SendToDevice("d1", CONNECTED), core.SendToCaller(CONNECTED)],
+        prepare=after(_A, core.CallerLost()),
+    ),
+    (_A, core.UpdateAnswered): Row(core.UpdateAnswered("d2", 100, None), _A, [], prepare=answered_after_update),
+    (_E, core.LegAnswered): Row(core.LegAnswered("d2", "answer"), _E, []),
+    (_E, core.LegRejected): Row(core.LegRejected("d2", 487), _E, []),
+    (_E, core.LegLost): Row(
+        core.LegLost("d1"), _E, [core.StartTimer(K.REATTACH, NOW + 15, "d1"), core.SendToCaller(RECONNECTING)]
+    ),
+    (_E, core.CallerLost): Row(
+        core.CallerLost(), _E, [core.StartTimer(K.REATTACH, NOW + 15, None), core.SendToDevice("d1", RECONNECTING)]
+    ),
+    (_E, core.HangupReceived): Row(
+        core.HangupReceived(20, None),
+        _X,
+        [
+            to_caller(20, Method.BYE, 200),
+            core.SendToDevice("d1", ByeNotice("c1", EndReason.REMOTE_HANGUP)),
+            *finish(EndReason.REMOTE_HANGUP, None),
+        ],
+    ),
+    (_E, core.UpdateReceived): Row(
+        core.UpdateReceived(20, None, "hold"),
+        _E,
+        [core.SendToDevice("d1", UpdateRelay("c1", "hold")), core.StartTimer(K.UPDATE, NOW + 30)],
+    ),
+    (_E, core.UpdateAnswered): Row(
+        core.UpdateAnswered("d1", 200, "held"),
+        _E,
+        [core.StopTimer(K.UPDATE), to_caller(20, Method.UPDATE, 200, sdp="held")],
+        prepare=after(_E, core.UpdateReceived(20, None, "hold")),
+    ),
+    (_E, core.IceReceived): Row(
+        core.IceReceived(20, None, CAND),
+        _E,
+        [to_caller(20, Method.ICE, 200), core.SendToDevice("d1", IceRelay("c1", CAND))],
+    ),
+    (_E, core.TimerFired): Row(
+        core.TimerFired(K.UPDATE),
+        _E,
+        [to_caller(20, Method.UPDATE, 408)],
+        prepare=after(_E, core.UpdateReceived(20, None, "hold")),
+    ),
+    (_E, core.PushAccepted): Row(core.PushAccepted("d3"), _E, []),
+    (_E, core.PushFailed): Row(core.PushFailed("d3", certain=False), _E, []),
+    (_E, core.DeviceConnected): Row(core.DeviceConnected("d3"), _E, [], legs={"d3": L.CANCELLED}),
+    (_E, core.PartyReattached): Row(
+        core.PartyReattached("d1"),
+        _E,
+        [core.StopTimer(K.REATTACH, "d1"), core.SendToCaller(CONNECTED), core.SendToDevice("d1", CONNECTED)],
+        prepare=after(_E, core.LegLost("d1")),
+    ),
+}
+
+
+def test_every_row_of_the_table_has_an_expectation() -> None:
+    assert set(ROWS) == set(core.TRANSITIONS)
+
+
+ROW_KEYS = list(ROWS)
+
+
+@pytest.mark.parametrize(("state", "kind"), ROW_KEYS, ids=[f"{s}-{k.__name__}" for s, k in ROW_KEYS])
+def test_every_row_of_the_table_does_what_it_says(state: core.CallState, kind: type[core.Event]) -> None:
+    """Each row's handler, on a call in the row's state, gives exactly the effects and the next state the table
+    describes, and that state is one its "Can move to" column names."""
+    row = ROWS[(state, kind)]
+    assert isinstance(row.event, kind)
+    call = row.prepare() if row.prepare is not None else call_in(state)
+    assert call.state is state
+    assert row.state in {state} | states_reached(core.TRANSITIONS[(state, kind)])
+    assert call.handle(row.event, NOW) == row.effects
+    assert call.state is row.state
+    assert {d: call.legs[d].state for d in row.legs} == row.legs
 
 
 def test_start_offers_online_devices_pushes_sleeping_ones_and_arms_timers() -> None:
@@ -174,6 +478,74 @@ def test_update_glare_and_timeout() -> None:
     effects = call.handle(core.TimerFired(core.TimerKind.UPDATE), NOW + 30)
     assert effects == [core.SendToCaller(Response(10, Method.UPDATE, 408, "c1"))]
     assert call.pending_update is None
+
+
+def test_a_caller_update_while_ringing_replaces_the_offer_for_every_device() -> None:
+    call = ringing_with_update()
+    assert call.offer == OFFER2
+    # d1 answered the first offer before it saw the update: refused, and it keeps ringing.
+    before = snapshot(call)
+    with pytest.raises(RequestPending):
+        call.handle(core.LegAnswered("d1", "answer to offer 1"), NOW)
+    with pytest.raises(RequestPending):
+        call.handle(core.LegProgressed("d1", 183, "early media for offer 1"), NOW)
+    assert snapshot(call) == before
+    # Ringing without SDP is fine meanwhile.
+    assert call.handle(core.LegProgressed("d1", 180), NOW)[-1] == to_caller(
+        7, Method.INVITE, 180, stage=Stage.RINGING, at=NOW
+    )
+    # A device woken now is offered the new offer and owes nothing.
+    [offer, _] = call.handle(core.DeviceConnected("d3"), NOW)
+    assert offer == core.SendToDevice("d3", InviteOffer("c1", "alice", "Alice", OFFER2, False))
+    # d1 takes the new offer, then its answer (to it) wins.
+    assert call.handle(core.UpdateAnswered("d1", 100, None), NOW) == []
+    with pytest.raises(InvalidInState):
+        call.handle(core.UpdateAnswered("d1", 100, None), NOW)  # nothing more to answer
+    effects = call.handle(core.LegAnswered("d1", "answer to offer 2"), NOW)
+    assert to_caller(7, Method.INVITE, 200, sdp="answer to offer 2", stage=Stage.ANSWERED, at=NOW) in effects
+    # d2's answer to the update crosses its CANCEL: taken quietly, once.
+    assert call.handle(core.UpdateAnswered("d2", 100, None), NOW) == []
+    with pytest.raises(NoSuchCall):
+        call.handle(core.UpdateAnswered("d2", 100, None), NOW)
+
+
+def test_every_caller_update_while_ringing_must_be_answered_before_the_invite() -> None:
+    call = ringing_with_update()
+    call.handle(core.UpdateReceived(20, None, "offer 3"), NOW)
+    call.handle(core.UpdateAnswered("d2", 100, None), NOW)
+    with pytest.raises(RequestPending):
+        call.handle(core.LegAnswered("d2", "answer"), NOW)
+    call.handle(core.UpdateAnswered("d2", 100, None), NOW)
+    assert call.handle(core.LegAnswered("d2", "answer"), NOW)[1] == to_caller(
+        7, Method.INVITE, 200, sdp="answer", stage=Stage.ANSWERED, at=NOW
+    )
+
+
+def test_a_ringing_device_refusing_the_new_offer_rejects_the_call_with_that_code() -> None:
+    call, _ = new_call(sleeping=())
+    call.handle(core.UpdateReceived(8, None, OFFER2), NOW)
+    assert call.handle(core.UpdateAnswered("d1", 488, None), NOW) == [core.StopTimer(K.LEG_ACK, "d1")]
+    assert call.legs["d1"].state is L.REJECTED
+    effects = call.handle(core.UpdateAnswered("d2", 488, None), NOW)
+    assert effects[0] == to_caller(7, Method.INVITE, 488)
+    assert call.state is core.CallState.ENDED
+    # 603 to the update declines everywhere, as 603 to the INVITE does.
+    call, _ = new_call(sleeping=())
+    call.handle(core.UpdateReceived(8, None, OFFER2), NOW)
+    effects = call.handle(core.UpdateAnswered("d2", 603, None), NOW)
+    assert effects[:2] == [to_caller(7, Method.INVITE, 603), cancel("d1", EndReason.DECLINED_ELSEWHERE)]
+
+
+def test_ringing_devices_cannot_update_and_an_update_after_the_answer_waits_for_the_ack() -> None:
+    call = call_in(core.CallState.RINGING)
+    with pytest.raises(InvalidInState):
+        call.handle(core.UpdateReceived(8, "d1", "device offer"), NOW)
+    with pytest.raises(NoSuchCall):
+        call.handle(core.UpdateReceived(8, "zz", "stranger offer"), NOW)
+    call.handle(core.LegAnswered("d1", "answer"), NOW)
+    with pytest.raises(InvalidInState):
+        call.handle(core.UpdateReceived(9, None, OFFER2), NOW)
+    assert call.offer == OFFER1
 
 
 def test_all_devices_lost_gives_480_and_busy_wins_over_lost() -> None:

@@ -232,6 +232,59 @@ async def test_ice_and_update_are_relayed_only_between_the_parties(sip: Harness)
     assert carol.pending_events() == []
 
 
+async def test_a_caller_update_while_ringing_reaches_every_ringing_device_and_is_what_gets_answered(
+    sip: Harness,
+) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER)
+    legs = [await phone.incoming(), await tablet.incoming()]
+    await legs[0].ring()
+    assert (await call.next_response())["code"] == 180
+
+    # Alice's network changed: she restarts ICE with a new offer. It is taken at once, without an answer yet.
+    restarted = OFFER + "a=ice-ufrag:new1\r\n"
+    accepted = await call.update(restarted)
+    assert (accepted["code"], accepted["method"], accepted.get("sdp")) == (200, "update", None)
+    updates = [await phone.next_event("update"), await tablet.next_event("update")]
+    assert [u["sdp"] for u in updates] == [restarted, restarted]
+
+    # The phone's answer to the first offer crossed the update: refused, and the phone keeps ringing.
+    await legs[0].answer(ANSWER)
+    refused = await phone.next_event("error")
+    assert (refused["code"], refused["error"], refused["call_id"]) == (491, "request_pending", call.call_id)
+    # It takes the new offer, then answers it; that answer is the one alice gets.
+    await legs[0].answer_update(updates[0], 100)
+    answer = ANSWER + "a=ice-ufrag:new2\r\n"
+    await legs[0].answer(answer)
+    assert (await call.answered())["sdp"] == answer
+    assert (await tablet.next_event("cancel"))["reason"] == "answered_elsewhere"
+    # The tablet's answer to the update, crossing its CANCEL, is taken without a word.
+    await legs[1].answer_update(updates[1], 100)
+    assert (await tablet.keepalive())["code"] == 200
+    assert [f for f in tablet.pending_events() if f["type"] == "error"] == []
+
+    await call.ack()
+    assert (await phone.next_event("ack"))["call_id"] == call.call_id
+    assert alice.pending_events() == []
+
+
+async def test_a_device_back_on_a_new_socket_while_ringing_is_offered_the_newest_offer(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    old = await sip.device("bob", "bob-phone")
+    call = await alice.invite("bob", OFFER)
+    await old.incoming()
+    restarted = OFFER + "a=ice-ufrag:new1\r\n"
+    assert (await call.update(restarted))["code"] == 200
+    await old.next_event("update")
+    new = await sip.device("bob", "bob-phone")  # before it answered the update: the new socket owes nothing
+    incoming = await new.incoming()
+    assert incoming.sdp == restarted
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+
+
 async def test_update_glare_gets_491(sip: Harness) -> None:
     alice = await sip.device("alice")
     bob = await sip.device("bob")
