@@ -16,8 +16,9 @@ import pytest
 
 from signaling.client import CallFailed, Client, ClientError
 from signaling.clock import ManualClock
+from signaling.models import CallRecord
 from signaling.store import MemoryStore
-from signaling.store.base import Presence
+from signaling.store.base import CallOpened, Presence
 from tests.harness import ANSWER, OFFER, PUSH, Harness, make_settings, running
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -317,6 +318,103 @@ async def test_duplicate_bye_gets_481(sip: Harness) -> None:
     with pytest.raises(ClientError) as refused:
         await call.hangup()
     assert refused.value.code == 481
+
+
+async def refused(client: Client, kind: str, **fields: Any) -> tuple[int, str | None]:
+    """Send a request that must be refused; its (code, error id)."""
+    with pytest.raises(ClientError) as refusal:
+        await client.request(kind, **fields)
+    return refusal.value.code, refusal.value.error
+
+
+async def test_out_of_order_requests_in_a_live_call_are_refused_and_the_call_goes_on(sip: Harness) -> None:
+    carol, dave = await sip.device("carol"), await sip.device("dave")
+    other = await carol.invite("dave", OFFER)
+    await (await dave.incoming()).answer(ANSWER)
+    await other.answered()
+    await other.ack()
+
+    alice, bob = await sip.device("alice"), await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    call_id = call.call_id
+    assert await refused(alice, "ack", call_id=call_id) == (481, "invalid_state")  # ACK before the 200
+    assert await refused(bob, "bye", call_id=call_id) == (
+        481,
+        "invalid_state",
+    )  # a ringing device declines instead
+    await incoming.answer(ANSWER)
+    assert (await call.answered())["sdp"] == ANSWER
+    assert await refused(alice, "cancel", call_id=call_id) == (481, "invalid_state")  # CANCEL after the answer
+    assert await refused(alice, "update", call_id=call_id, sdp=OFFER) == (481, "invalid_state")  # before the ACK
+    await call.ack()
+    assert (await bob.next_event("ack"))["call_id"] == call_id
+    assert await refused(alice, "ack", call_id=call_id) == (481, "invalid_state")  # ACK twice
+    assert bob.pending_events() == []  # none of it reached bob
+
+    # An UPDATE while another is pending, from either side: 491, and the first one completes.
+    first = asyncio.create_task(call.update(OFFER + "a=sendonly\r\n"))
+    update = await bob.next_event("update")
+    assert await refused(bob, "update", call_id=call_id, sdp=ANSWER) == (491, "request_pending")
+    assert await refused(alice, "update", call_id=call_id, sdp=OFFER) == (491, "request_pending")
+    await incoming.answer_update(update, 200, ANSWER + "a=recvonly\r\n")
+    assert (await first)["sdp"].endswith("a=recvonly\r\n")
+
+    assert (await call.hangup())["code"] == 200
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+    assert await refused(alice, "bye", call_id=call_id) == (481, "no_such_call")  # BYE twice
+    assert await refused(bob, "bye", call_id=call_id) == (481, "no_such_call")
+
+    # Both connections stayed open, and the other call was not disturbed.
+    assert [(await c.keepalive())["code"] for c in (alice, bob)] == [200, 200]
+    assert not alice.closed and not bob.closed
+    assert (await other.ice("candidate:5 1 udp 1 192.0.2.5 5 typ host"))["code"] == 200
+    assert (await dave.next_event("ice"))["candidate"].startswith("candidate:5 ")
+
+
+async def test_more_outgoing_calls_than_allowed_get_403_limit_exceeded(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    limit = sip.settings.max_calls_per_connection
+    calls = [await alice.invite("bob", OFFER) for _ in range(limit)]
+    assert [c.responses[0]["code"] for c in calls] == [100] * limit
+    with pytest.raises(ClientError) as refusal:
+        await (await alice.invite("bob", OFFER, call_id="one-too-many")).answered()
+    response = refusal.value.response
+    assert (response["code"], response["error"], response["call_id"]) == (403, "limit_exceeded", "one-too-many")
+    assert [(await bob.incoming()).call_id for _ in range(limit)] == [c.call_id for c in calls]
+    # One call ends: there is room again, on the same connection.
+    assert (await calls[0].cancel())["code"] == 200
+    again = await alice.invite("bob", OFFER)
+    assert again.responses[0]["code"] == 100
+    assert (await bob.incoming()).call_id == again.call_id
+
+
+class FailingStore(MemoryStore):
+    """A real in-memory store that fails unexpectedly (as a bug would) when a call to "broken" is opened."""
+
+    async def open_call(self, record: CallRecord, ttl: float) -> CallOpened:
+        if record.callee_user == "broken":
+            raise RuntimeError("simulated fault in the store")
+        return await super().open_call(record, ttl)
+
+
+async def test_a_server_fault_gets_500_internal_and_disturbs_nothing_else(manual_clock: ManualClock) -> None:
+    async with running(make_settings(), FailingStore(manual_clock), manual_clock) as sip:
+        alice, bob = await sip.device("alice"), await sip.device("bob")
+        await sip.device("broken")
+        failed = await alice.invite("broken", OFFER)
+        assert failed.responses[0]["code"] == 100
+        with pytest.raises(ClientError) as fault:
+            await failed.answered()
+        response = fault.value.response
+        assert (response["code"], response["error"], response["call_id"]) == (500, "internal", failed.call_id)
+        assert response["reason"] == "Server Internal Error"
+        assert failed.call_id not in sip.board.calls
+        # The connection stays open and the next call from it goes through.
+        call = await alice.invite("bob", OFFER)
+        await (await bob.incoming()).answer(ANSWER)
+        assert (await call.answered())["code"] == 200
 
 
 async def test_oversized_frame_closes_1009(sip: Harness) -> None:
