@@ -168,6 +168,8 @@ class PushFailed:
 
     device_id: str
     certain: bool
+    # The provider's outcome class ("temporary", "token_rejected", "permanent"): the caller's 480 names it.
+    outcome: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +314,10 @@ CALLKIT_REASONS: Final[dict[EndReason, CallKitReason]] = {
 
 MAX_BUFFERED_CANDIDATES: Final = 64
 
+# The error id of the caller's 480 when a VoIP push failed and no device could take the call: without it, a push
+# that failed looks exactly like a callee with no device at all.
+PUSH_FAILED: Final = "push_failed"
+
 
 @dataclass(slots=True)
 class Leg:
@@ -322,6 +328,7 @@ class Leg:
     pushable: bool = False  # the device has a VoIP token
     pushed: bool = False  # a VoIP push was sent for this call (never twice)
     push_failed: bool = False  # the push may not have arrived
+    push_outcome: str | None = None  # why the push failed (its outcome class), until the device connects
     # Candidates a ringing device trickles before it answers; relayed only if it wins, so the caller never sees
     # candidates of a device that did not answer.
     candidates: list[IceCandidate] = field(default_factory=list)
@@ -456,10 +463,27 @@ class Call:
         return leg
 
     def _caller_response(
-        self, code: int, sdp: str | None = None, *, stage: Stage | None = None, at: float | None = None
+        self,
+        code: int,
+        sdp: str | None = None,
+        *,
+        stage: Stage | None = None,
+        at: float | None = None,
+        error: str | None = None,
+        detail: str | None = None,
     ) -> SendToCaller:
         return SendToCaller(
-            Response(self.invite_seq, Method.INVITE, code, self.call_id, sdp=sdp, stage=stage, at=at)
+            Response(
+                self.invite_seq,
+                Method.INVITE,
+                code,
+                self.call_id,
+                sdp=sdp,
+                error=error,
+                detail=detail,
+                stage=stage,
+                at=at,
+            )
         )
 
     def _cancel_legs(self, reason: EndReason, *, missed: bool = False) -> list[Effect]:
@@ -605,7 +629,12 @@ class Call:
         codes = {leg.code for leg in self.legs.values()}
         code = 486 if 486 in codes else 488 if 488 in codes else 480
         reason = EndReason.UNREACHABLE if code == 480 else None
-        effects: list[Effect] = [self._caller_response(code)]
+        failed = sorted({leg.push_outcome for leg in self.legs.values() if leg.push_outcome is not None})
+        if code == 480 and failed:
+            detail = f"no device could be reached; VoIP push failed: {', '.join(failed)}"
+            effects: list[Effect] = [self._caller_response(480, error=PUSH_FAILED, detail=detail)]
+        else:
+            effects = [self._caller_response(code)]
         effects += self._cancel_legs(EndReason.UNREACHABLE, missed=code == 480)
         return effects + self._finish(reason, code)
 
@@ -653,6 +682,7 @@ class Call:
         leg = self._leg_any(e.device_id, *LegState)
         if leg.state is not LegState.WAKING:
             return []
+        leg.push_outcome = e.outcome or "unknown"
         if e.certain:
             leg.state = LegState.GONE
         else:
@@ -667,6 +697,7 @@ class Call:
         leg.state = LegState.OFFERED
         leg.push_failed = False
         leg.updates_unanswered = 0  # the INVITE it gets now carries the latest offer
+        leg.push_outcome = None
         effects: list[Effect] = [SendToDevice(e.device_id, self._offer())]
         effects += [SendToDevice(e.device_id, IceRelay(self.call_id, c)) for c in self.caller_candidates]
         if woken and not self.connect_reported:

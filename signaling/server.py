@@ -1159,7 +1159,7 @@ class Switchboard:
         device = handle.devices.get(device_id)
         binding = device.push if device is not None else None
         if binding is None or binding.voip_token is None:
-            await self._push_result(handle, core.PushFailed(device_id, certain=True))
+            await self._push_result(handle, core.PushFailed(device_id, certain=True, outcome=Outcome.PERMANENT))
             return
         ttl = call.deadline - self.clock.now() + _RECORD_SLACK
         # The claim also tells whichever node the device registers on that this node wakes it for the call.
@@ -1201,7 +1201,7 @@ class Switchboard:
             since = result.token_invalid_since
             await self._store_quietly(self._reject_token(call.callee_user, device_id, binding.voip_token, since))
         certain = result.outcome in (Outcome.TOKEN_REJECTED, Outcome.PERMANENT)
-        await self._push_result(handle, core.PushFailed(device_id, certain=certain))
+        await self._push_result(handle, core.PushFailed(device_id, certain=certain, outcome=result.outcome))
 
     async def _reject_token(self, user_id: str, device_id: str, token: str, since: float | None) -> None:
         if await self.store.reject_token(user_id, device_id, token, since):

@@ -676,14 +676,25 @@ def test_acknowledged_device_is_never_pushed() -> None:
     assert call.handle(core.TimerFired(core.TimerKind.LEG_ACK, "d1"), NOW + 2) == []
 
 
-def test_all_pushes_failing_gives_a_prompt_480() -> None:
+def test_all_pushes_failing_gives_a_prompt_480_that_says_the_pushes_failed() -> None:
     call, _ = new_call((), ("d3", "d4"))
-    assert call.handle(core.PushFailed("d3", certain=True), NOW) == []
-    effects = call.handle(core.PushFailed("d4", certain=False), NOW)
-    assert core.SendToCaller(Response(7, Method.INVITE, 480, "c1")) in effects
+    assert call.handle(core.PushFailed("d3", certain=True, outcome="token_rejected"), NOW) == []
+    effects = call.handle(core.PushFailed("d4", certain=False, outcome="temporary"), NOW)
+    detail = "no device could be reached; VoIP push failed: temporary, token_rejected"
+    failed = Response(7, Method.INVITE, 480, "c1", error=core.PUSH_FAILED, detail=detail)
+    assert core.SendToCaller(failed) in effects
     # The push to d4 may still arrive: d4 will be told the call failed when it connects.
     assert core.RecordEnded("d4", CallKitReason.FAILED) in effects
     assert call.state is core.CallState.ENDED
+
+
+def test_a_device_that_connects_despite_its_failed_push_and_leaves_gives_a_plain_480() -> None:
+    call, _ = new_call(("d1",), ("d3",))
+    assert call.handle(core.PushFailed("d3", certain=False, outcome="temporary"), NOW) == []  # d1 still rings
+    call.handle(core.DeviceConnected("d3"), NOW)  # the push arrived after all
+    assert call.handle(core.LegLost("d1"), NOW) == []
+    effects = call.handle(core.LegLost("d3"), NOW)
+    assert core.SendToCaller(Response(7, Method.INVITE, 480, "c1")) in effects
 
 
 # ---------------------------------------------------------------------------------------------- re-attaching

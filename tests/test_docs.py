@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from push.base import Outcome
 from signaling import docs, errors, wire
-from signaling.call import TRANSITIONS, CallState
+from signaling.call import PUSH_FAILED, TRANSITIONS, CallState
 from signaling.config import Settings
 
 TEXT = docs.PROTOCOL_MD.read_text(encoding="utf-8")
@@ -43,6 +44,13 @@ def test_check_mode_passes_on_the_committed_file() -> None:
 def test_every_error_id_is_documented() -> None:
     table = section("### 4.2 Error ids")
     missing = sorted(e for e in error_ids() if f"| `{e}` |" not in table)
+    assert missing == []
+
+
+def test_the_push_failed_error_id_and_its_outcome_classes_are_documented() -> None:
+    assert f"| `{PUSH_FAILED}` | 480 |" in section("### 4.2 Error ids")
+    stages = section("### 8.2 What the caller sees")
+    missing = [o.value for o in Outcome if o is not Outcome.DELIVERED and f"| `{o.value}` |" not in stages]
     assert missing == []
 
 
