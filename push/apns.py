@@ -140,6 +140,10 @@ def _fail(setting: str, message: str) -> PushConfigError:
 
 
 def _read(setting: str, path: Path) -> bytes:
+    # aioapns wants the key's text, so a PEM document pasted where its path belongs is an easy slip: refuse it
+    # by name, without echoing the key into an error message or a log.
+    if "-----BEGIN" in str(path):
+        raise _fail(setting, "holds PEM text, not a path: give the path of the file (it is read at start)")
     try:
         return path.read_bytes()
     except OSError as e:

@@ -22,8 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from push.apns import ApnsConfig, ApnsProvider, classify
 from push.base import IncomingCallPush, MissedCallAlert, Outcome, PushConfigError
 from push.payload import MAX_PAYLOAD_BYTES, call_uuid, incoming_call_payload
+from signaling.clock import SystemClock
+from signaling.config import Settings
 from signaling.models import PushEnvironment
+from signaling.server import APNS_SETTINGS, build_push
 from tests.apns_server import Answer, ApnsPki, ApnsServer
+from tests.harness import make_settings
 
 BUNDLE = "com.example.app"
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -475,6 +479,63 @@ async def test_c_error_bodies_beyond_the_flow_control_window_do_not_stall(server
     assert body_bytes > 3 * 65_535
     assert after.outcome is Outcome.DELIVERED
     assert server.connections_made == 1
+
+
+def _apns_settings(server: ApnsServer, apns_pki: ApnsPki, key_file: str) -> Settings:
+    """The settings an operator writes for token auth against `server`."""
+    return make_settings(
+        apns_key_file=key_file,
+        apns_key_id=apns_pki.key_id,
+        apns_team_id=apns_pki.team_id,
+        apns_production_host=server.host,
+        apns_sandbox_host=server.host,
+        apns_port=server.port,
+        apns_ca_file=str(apns_pki.ca_file),
+        apns_keepalive=0,
+    )
+
+
+async def test_e_the_key_file_setting_is_a_path_whose_pem_text_signs_every_request(
+    server: ApnsServer, apns_pki: ApnsPki, tmp_path: Path
+) -> None:
+    """aioapns takes `key` as the PEM text, not a path: the .p8 path the operator configures is read at start,
+    and its text (never the path) goes to aioapns, so the file may even be gone by the first push."""
+    key_file = tmp_path / f"AuthKey_{apns_pki.key_id}.p8"
+    key_file.write_bytes(apns_pki.signing_key.read_bytes())
+    provider = build_push(_apns_settings(server, apns_pki, str(key_file)), SystemClock())
+    await provider.start()
+    key_file.unlink()
+    try:
+        result = await provider.send_incoming_call(incoming(tok("e")))
+    finally:
+        await provider.close()
+
+    assert (result.outcome, result.status) == (Outcome.DELIVERED, 200)
+    # Signed with that key: the server verified the ES256 token (a bad one is answered 403 and kept in `errors`).
+    [request] = server.requests
+    assert request.headers["authorization"].startswith("bearer ") and request.error is None
+
+
+@pytest.mark.parametrize("wrong", ["missing", "pem_text"])
+async def test_e_a_key_file_setting_that_is_no_readable_path_fails_at_start_naming_it(
+    apns_server: ApnsServer, apns_pki: ApnsPki, tmp_path: Path, wrong: str
+) -> None:
+    """A wrong path fails at start with the setting's name; so does the key's PEM text put where the path
+    belongs (what aioapns itself would want), and the key never appears in the message."""
+    pem = apns_pki.signing_key.read_text()
+    value = str(tmp_path / "AuthKey_MISSING.p8") if wrong == "missing" else pem
+    provider = build_push(_apns_settings(apns_server, apns_pki, value), SystemClock())
+
+    with pytest.raises(PushConfigError) as caught:
+        await provider.start()
+
+    assert caught.value.setting == "key_file" and APNS_SETTINGS["key_file"] == "apns_key_file"
+    message = str(caught.value)
+    if wrong == "missing":
+        assert message == f"APNs key_file: cannot read {value}: No such file or directory"
+    else:
+        assert message.startswith("APNs key_file: holds PEM text, not a path")
+        assert "BEGIN" not in message and pem.splitlines()[1] not in message
 
 
 async def test_f_keep_warm_pings_hold_the_connection_open(server: ApnsServer) -> None:
