@@ -413,6 +413,11 @@ class Client:
     def closed(self) -> bool:
         return self._closed.done()
 
+    @property
+    def reconnecting(self) -> bool:
+        """Whether the connection dropped and the client is getting it back by itself (see `Reconnect`)."""
+        return self._resuming is not None and not self._resuming.done()
+
     async def close(self) -> None:
         self._closing = True
         if self._resuming is not None:
@@ -502,8 +507,12 @@ class IncomingCall:
     async def answer(self, sdp: str) -> None:
         await self._reply(200, sdp)
 
+    async def early_media(self, sdp: str) -> None:
+        """183 Session Progress with an early-media answer (ringback, announcements): relayed to the caller."""
+        await self._reply(183, sdp)
+
     async def reject(self, code: int = 603) -> None:
-        """Decline (603, the default) or report busy (486)."""
+        """Decline (603, the default), report busy (486) or refuse the offer (488)."""
         await self._reply(code)
 
     async def answer_update(self, update: Frame, code: int = 200, sdp: str | None = None) -> None:

@@ -47,6 +47,16 @@ class Harness:
     def token(self, user: str, *, ttl: float = 3600.0, name: str | None = None, key: str = SECRET) -> str:
         return issue_token(user, key=key, now=self.clock.now(), ttl=ttl, name=name)
 
+    async def settle(self) -> None:
+        """Wait until every task the server has spawned is done, and those they spawned in turn: the work a
+        `clock.advance()` set off (timers firing, VoIP pushes and their answers). Frames it sent are then on their
+        way; a client's round trip (`keepalive()`) after this has them all. For asserting that something did
+        not happen."""
+        tasks = self.board._tasks
+        async with asyncio.timeout(5):
+            while tasks:
+                await asyncio.wait(set(tasks))
+
     async def connect(self, *, encoding: str = "msgpack", protocols: tuple[str, ...] | None = None) -> Client:
         client = await Client.connect(self.url, encoding=encoding, protocols=protocols)
         self.clients.append(client)

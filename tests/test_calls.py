@@ -227,9 +227,56 @@ async def test_ice_and_update_are_relayed_only_between_the_parties(sip: Harness)
     await call.answer_update(update, 200, OFFER)
     assert (await update_task)["sdp"] == OFFER
 
-    # Nobody else heard any of it.
+    # Nobody else heard any of it: a round trip on each of their sockets brings anything sent to them before.
+    await tablet.keepalive()
+    await carol.keepalive()
     assert [f for f in tablet.pending_events() if f["type"] != "cancel"] == []
     assert carol.pending_events() == []
+
+
+async def test_a_ringing_device_plays_early_media_to_the_caller(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    bob = await sip.device("bob")
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    sip.clock.advance(0.75)
+    await incoming.early_media(ANSWER)
+    progress = await call.next_response()
+    assert (progress["code"], progress["reason"], progress["sdp"], progress["at"]) == (
+        183,
+        "Session Progress",
+        ANSWER,
+        sip.clock.now(),
+    )
+    # Early media is no answer: the call still rings, and the 200 comes with the final answer.
+    sip.clock.advance(1.0)
+    await incoming.answer(ANSWER + "a=sendrecv\r\n")
+    answer = await call.answered()
+    assert (answer["sdp"], answer["stage"], answer["at"]) == (
+        ANSWER + "a=sendrecv\r\n",
+        "answered",
+        sip.clock.now(),
+    )
+
+
+async def test_488_reaches_the_caller_once_no_device_is_left_ringing(sip: Harness) -> None:
+    alice = await sip.device("alice")
+    phone = await sip.device("bob", "bob-phone")
+    tablet = await sip.device("bob", "bob-tablet")
+    call = await alice.invite("bob", OFFER, video=True)
+    await (await phone.incoming()).reject(488)  # the phone cannot take video
+    await tablet.incoming()
+    # The phone's 488 has been handled (its socket's next request was), and the caller's round trip after it
+    # brings any final response it caused: there is none while the tablet rings.
+    await phone.keepalive()
+    await alice.keepalive()
+    assert [f["code"] for f in alice.history if f["type"] == "response" and f.get("method") == "invite"] == [100]
+
+    await tablet.close()
+    with pytest.raises(CallFailed) as failed:
+        await call.answered()
+    response = failed.value.response
+    assert (response["code"], response["reason"], response.get("error")) == (488, "Not Acceptable Here", None)
 
 
 async def test_a_caller_update_while_ringing_reaches_every_ringing_device_and_is_what_gets_answered(
@@ -329,6 +376,8 @@ async def test_a_peer_that_drops_and_does_not_come_back_ends_the_call_after_the_
     peer = await alice.next_event("peer")
     assert (peer["call_id"], peer["state"]) == (call.call_id, "reconnecting")
     sip.clock.advance(sip.settings.reattach_grace - 0.1)
+    await sip.settle()  # a grace timer that fired early would have sent the BYE by now
+    await alice.keepalive()
     assert [f for f in alice.pending_events() if f["type"] == "bye"] == []
     sip.clock.advance(0.1)
     bye = await alice.next_event("bye")
@@ -393,6 +442,7 @@ async def test_calling_yourself_rings_your_other_devices_only(sip: Harness) -> N
     call = await phone.invite("alice", OFFER)
     incoming = await laptop.incoming()
     assert incoming.call_id == call.call_id
+    await phone.keepalive()  # handled after its INVITE: an offer to itself would have come before the answer
     assert phone.pending_events() == []
 
 
@@ -454,4 +504,6 @@ async def test_the_client_library_does_not_reconnect_after_a_final_close(sip: Ha
     await first.register(sip.token("bob"), "bob-phone")
     await sip.device("bob")  # the same device registers elsewhere: the first socket is replaced (4409)
     assert (await first.wait_closed()).code == 4409
+    # Whether to come back is decided as the close is read, before `wait_closed()` returns.
+    assert not first.reconnecting
     assert [f for f in first.pending_events() if f["type"] == "reconnected"] == []
