@@ -753,10 +753,17 @@ class Switchboard:
         # A token renewal on the same connection may leave `push` out: it keeps the binding it registered with.
         push = req.push if req.push is not None or conn.identity is None else conn.push
         device = Device(identity.user_id, req.device_id, push, now)
+        key = (identity.user_id, req.device_id)
+        before = self.bound.get(key)
         registered = await self.store.register(binding, device, self.settings.max_devices_per_user)
         replaced = registered.replaced
-        key = (identity.user_id, req.device_id)
+        notices = registered.notices
         previous = self.bound.get(key)
+        if previous is not None and previous is not conn and previous is not before:
+            # Another socket of this device registered while this REGISTER was in the store, and its write may
+            # have landed after ours: this connection is the one that stays, so the store must name it.
+            notices += (await self.store.register(binding, device, self.settings.max_devices_per_user)).notices
+            previous = self.bound.get(key)
         first = conn.identity is None
         conn.identity = identity
         conn.device_id = req.device_id
@@ -775,7 +782,7 @@ class Switchboard:
                 expires=int(ttl),
             )
         )
-        for notice in registered.notices:
+        for notice in notices:
             await conn.send(_notice_frame(notice))
         rejoin: list[str] = []
         if previous is not None and previous is not conn:
