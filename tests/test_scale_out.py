@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from signaling.client import CallFailed, Client, Frame
+from signaling.client import CallFailed, Client, Frame, OutgoingCall, Reconnect
 from tests.harness import ANSWER, OFFER, PUSH
+from tests.netproxy import Proxy
 from tests.processes import WAIT, Node, device, serving, token
 from tests.redis_server import RedisServer
 
@@ -39,8 +40,9 @@ class Phones:
     def __init__(self) -> None:
         self.clients: list[Client] = []
 
-    async def device(self, node: Node, user: str, device_id: str | None = None, **options: Any) -> Client:
-        client = await device(node.url, user, device_id, **options)
+    async def device(self, node: Node | str, user: str, device_id: str | None = None, **options: Any) -> Client:
+        """A device of `user` registered on `node` (or at a URL); `options` as for `tests.processes.device`."""
+        client = await device(node if isinstance(node, str) else node.url, user, device_id, **options)
         self.clients.append(client)
         return client
 
@@ -358,3 +360,109 @@ async def test_an_established_cross_process_call_survives_a_redis_restart(phones
             assert (await alice.next_event("ice", call_id=call.call_id))["candidate"] == CANDIDATE_BACK
             assert (await bob.request("bye", call_id=call.call_id))["code"] == 200
             assert (await alice.next_event("bye", call_id=call.call_id))["reason"] == "remote_hangup"
+
+
+# ---------------------------------------------------------------------------------------------- network change
+
+
+def peer_states(client: Client, call_id: str) -> list[str]:
+    return [f["state"] for f in received(client, "peer", call_id)]
+
+
+async def established(caller: Client, callee: Client) -> OutgoingCall:
+    call = await caller.invite(callee.user or "", OFFER)
+    await (await callee.incoming()).answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    await callee.next_event("ack", call_id=call.call_id)
+    return call
+
+
+async def relayed_both_ways(call: OutgoingCall, callee: Client) -> None:
+    """ICE from each party reaches the other: both are attached to the call, wherever they are connected."""
+    caller = call.client
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+    assert (await callee.next_event("ice", call_id=call.call_id))["candidate"] == CANDIDATE
+    assert (await callee.request("ice", call_id=call.call_id, candidate=CANDIDATE_BACK))["code"] == 200
+    assert (await caller.next_event("ice", call_id=call.call_id))["candidate"] == CANDIDATE_BACK
+
+
+@pytest.mark.parametrize("moving", ["caller", "callee"])
+async def test_a_party_whose_connection_is_cut_mid_call_re_attaches_through_another_process(
+    three: list[Node], phones: Phones, moving: str
+) -> None:
+    """Alice (on A, the call's owner) calls bob (on B). The moving party's TCP connection runs through a proxy,
+    which resets it and stops listening (the old network is gone); its client library reconnects by itself, to
+    process C, and registers again. Its new network comes up only once the other party has been told it is
+    reconnecting, so the order the test checks is the order things happened in."""
+    a, b, c = three
+    home, user = (a, "alice") if moving == "caller" else (b, "bob")
+    new_network = asyncio.Event()
+
+    async def fresh_token() -> str:
+        await new_network.wait()
+        return token(user)
+
+    async with Proxy("127.0.0.1", home.port) as proxy:
+        reconnect = Reconnect(urls=[c.url], initial=0.05, token=fresh_token)
+        through = f"ws://127.0.0.1:{proxy.port}/ws"
+        mover = await phones.device(through, user, reconnect=reconnect)
+        other = await phones.device(b if moving == "caller" else a, "bob" if moving == "caller" else "alice")
+        alice, bob = (mover, other) if moving == "caller" else (other, mover)
+        call = await established(alice, bob)
+        # Leaving the block resets the connection and closes the proxy.
+
+    assert (await other.next_event("peer", call_id=call.call_id))["state"] == "reconnecting"
+    new_network.set()
+    assert (await mover.next_event("reconnected"))["url"] == c.url
+    assert (await mover.next_event("peer", call_id=call.call_id))["state"] == "connected"
+    assert (await other.next_event("peer", call_id=call.call_id))["state"] == "connected"
+    await relayed_both_ways(call, bob)
+    assert (await mover.request("bye", call_id=call.call_id))["code"] == 200
+    assert (await other.next_event("bye", call_id=call.call_id))["reason"] == "remote_hangup"
+
+    ended = await a.logged("call.ended", call_id=call.call_id)
+    calls_lost = ended["reason"] != "remote_hangup"
+    assert calls_lost == 0
+    assert peer_states(other, call.call_id) == ["reconnecting", "connected"]
+    assert peer_states(mover, call.call_id) == ["connected"]
+    assert proxy.connections == 1  # it came back directly to process C, not through the old path
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+
+async def test_a_drained_process_sends_its_clients_elsewhere_keeps_their_call_and_exits_once_it_ends(
+    three: list[Node], phones: Phones
+) -> None:
+    """Both parties of a call are on process A, which owns the call. SIGTERM: they are sent to B and C, re-attach
+    there, and the call goes on while A waits for it; A exits when it ends, before its drain timeout."""
+    a, b, c = three
+    alice = await phones.device(a, "alice", reconnect=Reconnect(urls=[b.url], initial=0.05))
+    bob = await phones.device(a, "bob", reconnect=Reconnect(urls=[c.url], initial=0.05))
+    idle = await phones.device(a, "carol")
+    call = await established(alice, bob)
+
+    mark = a.mark()
+    a.terminate()
+    for client in (alice, bob, idle):
+        assert (await client.next_event("reconnect"))["reason"] == "draining"
+    assert (await idle.wait_closed()).code == 1012
+    await readiness([a], 503)
+    assert (await alice.next_event("reconnected"))["url"] == b.url
+    assert (await bob.next_event("reconnected"))["url"] == c.url
+    for user in ("alice", "bob"):
+        await a.logged("call.reattached", since=mark, call_id=call.call_id, user_id=user)
+
+    await relayed_both_ways(call, bob)
+    assert a.process.returncode is None  # still waiting for its call
+    assert (await call.hangup())["code"] == 200
+    assert (await bob.next_event("bye", call_id=call.call_id))["reason"] == "remote_hangup"
+    assert await a.exited() == 0
+    drained = await a.logged("server.drained", since=mark)
+    assert drained["calls_left"] == 0  # it left because its last call ended, not because time ran out
+    assert (await a.logged("call.ended", call_id=call.call_id))["reason"] == "remote_hangup"
+    assert (peer_states(alice, call.call_id)[-1:], peer_states(bob, call.call_id)[-1:]) == (
+        ["connected"],
+        ["connected"],
+    )
