@@ -1066,7 +1066,8 @@ class Switchboard:
 
     async def _apply(self, handle: CallHandle, effects: list[core.Effect]) -> None:
         call_id = handle.call.call_id
-        if any(isinstance(effect, core.CallFinished) for effect in effects):
+        finished = any(isinstance(effect, core.CallFinished) for effect in effects)
+        if finished:
             # Off this node's books before anything is awaited: a device that registers from here on finds no
             # call to join and is handed its notices instead (`_record_notices`).
             self._forget(handle)
@@ -1132,6 +1133,9 @@ class Switchboard:
                 # The parties' and pushed devices' records of the call go with it.
                 parties = list(dict.fromkeys([*self._parties(handle), *pushed]))
                 await self._store_quietly(self.store.close_call(call_id, parties=parties))
+        if finished:
+            # Only once the parties have been told: a drain waiting for its last call lets the process exit now.
+            self._calls_changed.set()
 
     async def _record_notices(self, handle: CallHandle, notices: list[tuple[str, Notice]]) -> None:
         """Queue "ended" and "missed" notices for the callee's devices, then hand them at once to any of those
@@ -1253,7 +1257,6 @@ class Switchboard:
     def _forget(self, handle: CallHandle) -> None:
         call_id = handle.call.call_id
         self.calls.pop(call_id, None)
-        self._calls_changed.set()
         if isinstance(handle.caller, Connection):
             handle.caller.calls.discard(call_id)
         for key in self._parties(handle):
