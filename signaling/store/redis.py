@@ -12,13 +12,22 @@ Key layout (`P` is the prefix, `siplite:` by default; `<user>` and `<call>` are 
 
 The braces are Redis Cluster hash tags: every key of one user lives in one slot, so the Lua scripts that touch
 a user's devices, bindings and notices together stay legal on a cluster, and a call record (with the push
-claims of that call) lives in a slot of its own.
+claims of that call) lives in a slot of its own. Each script's keys, the declared ones and the ones it builds
+from a prefix, share one tag, and so one slot (Redis Cluster checks that, and the contract suite runs on a real
+cluster). No script touches two users or a user and a call.
+
+The store takes any URL `signaling.redis_url` accepts: one server, a Redis Cluster (`redis+cluster://`) or a
+master that Sentinel manages (`redis+sentinel://`). The pipelines that span several slots (a heartbeat reading
+other nodes' keys, a call record with its parties' waking records, `refresh` of many users' bindings) are
+never transactions, only batches: on one server each is one round trip, and on a cluster redis-py splits it
+by node and sends the parts at once, one round trip to each node involved.
 
 Logical expiry is in the values and is checked against the injected clock on every read (and inside the
 scripts, with `now` passed as an argument). Redis TTLs only collect garbage: each is the logical lifetime
 rounded up plus `GC_SLACK` seconds, so processes whose clocks disagree by less than that agree on what exists.
 
-Every method is one round trip (a single command, script, or pipeline), as `signaling.store.base` promises.
+Every method is one round trip (a single command, script, or pipeline), as `signaling.store.base` promises;
+on a cluster, one to each node whose slots it touches, concurrently.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from signaling.models import (
     PushEnvironment,
 )
 from signaling.store.base import MAX_NOTICES, CallOpened, Presence, Registered
+from signaling.store.batching import Batcher
 from signaling.store.memory import DEFAULT_DEVICE_TTL, check_register_args
 
 __all__ = ["DEFAULT_PREFIX", "GC_SLACK", "RedisStore"]
@@ -617,6 +627,8 @@ class RedisStore:
             )
             client = self._owned.client
         self._client = client
+        # Every command goes through the batcher: those issued in one event-loop iteration share a round trip.
+        self._batch = Batcher(client)
 
     async def start(self) -> None:
         """Check Redis answers and load the scripts (on every master of a cluster); raise `StoreUnavailable`
@@ -643,6 +655,7 @@ class RedisStore:
 
     async def close(self) -> None:
         """Close the client if this store built it (an injected client belongs to the caller)."""
+        await self._batch.close()
         if self._owned is not None:
             with self._translate("close"):
                 await self._owned.aclose()
@@ -726,12 +739,13 @@ class RedisStore:
         the value, read against the clock, as for every other record here."""
         now = self._clock.now()
         nodes = sorted(set(watch))
-        with self._translate("heartbeat"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.set(self._keys.node(node_id), repr(now + ttl), ex=_gc_ttl(ttl))
-            for node in nodes:
-                pipe.get(self._keys.node(node))
-            _, *values = await pipe.execute()
+        _, *values = await self._run(
+            "heartbeat",
+            [
+                ("SET", self._keys.node(node_id), repr(now + ttl), "EX", _gc_ttl(ttl)),
+                *(("GET", self._keys.node(node)) for node in nodes),
+            ],
+        )
         return frozenset(n for n, v in zip(nodes, values, strict=True) if v is None or float(v) <= now)
 
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
@@ -865,10 +879,8 @@ class RedisStore:
         script per party."""
         now = self._clock.now()
         if not parties:
-            with self._translate("update_call"):
-                await self._client.set(
-                    self._keys.call(record.call_id), _encode_call(record, now + ttl), ex=_gc_ttl(ttl)
-                )
+            key = self._keys.call(record.call_id)
+            await self._run("update_call", [("SET", key, _encode_call(record, now + ttl), "EX", _gc_ttl(ttl))])
             return
         value = _encode_ref(CallRef(record.call_id, record.node_id, party=True), now + ttl)
         await self._eval(
@@ -882,8 +894,7 @@ class RedisStore:
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         """The call record (one GET), or None if it was never opened, was closed, or has expired."""
-        with self._translate("get_call"):
-            raw = await self._client.get(self._keys.call(call_id))
+        (raw,) = await self._run("get_call", [("GET", self._keys.call(call_id))])
         if raw is None:
             return None
         record, expires_at = self._decode(lambda: _decode_call(raw))
@@ -892,15 +903,15 @@ class RedisStore:
     async def close_call(self, call_id: str, *, parties: Sequence[tuple[str, str]] = ()) -> None:
         """See `Store.close_call`: one DEL, or with `parties` one pipeline of it and an HDEL script each."""
         if not parties:
-            with self._translate("close_call"):
-                await self._client.delete(self._keys.call(call_id))
+            await self._run("close_call", [("DEL", self._keys.call(call_id))])
             return
         with self._translate("close_call"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.delete(self._keys.call(call_id))
-            for user_id, device_id in parties:
-                pipe.evalsha(_UNMARK_CALL.sha, 1, self._keys.waking(user_id, device_id), call_id)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._batch.execute(
+                [
+                    ("DEL", self._keys.call(call_id)),
+                    *(("EVALSHA", _UNMARK_CALL.sha, 1, self._keys.waking(u, d), call_id) for u, d in parties),
+                ]
+            )
         if any(isinstance(reply, NoScriptError) for reply in replies):
             await self._eval(
                 "close_call", *(_Eval(_UNMARK_CALL, (self._keys.waking(u, d),), (call_id,)) for u, d in parties)
@@ -955,10 +966,18 @@ class RedisStore:
         await pipe.execute()
 
     async def _evalsha(self, calls: Sequence[_Eval]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
+        return await self._batch.execute(
+            [("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in calls]
+        )
+
+    async def _run(self, op: str, commands: Sequence[tuple[_Arg, ...]]) -> list[Any]:
+        """Send plain commands as one batch; their replies, or `StoreUnavailable` if any of them failed."""
+        with self._translate(op):
+            replies = await self._batch.execute(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
 
     @contextmanager
     def _translate(self, op: str) -> Iterator[None]:
