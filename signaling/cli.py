@@ -61,16 +61,17 @@ async def _run(app: web.Application, settings: config.Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain (clients sent elsewhere with 1012, owned calls given up to
     `drain_timeout` to end), close what is left with 1001 and clean up."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    # Before anything is announced: a SIGTERM that follows `server.listening` at once must drain, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await runner.setup()  # starts the store: an unreachable Redis raises StoreUnavailable here
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
         ports = sorted({sock.getsockname()[1] for sock in getattr(site._server, "sockets", None) or ()})
         logger.info("server.listening", host=settings.host, port=ports[0] if ports else settings.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logger.info("server.stopping", node_id=settings.node_id)
         from signaling.server import SWITCHBOARD
