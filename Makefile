@@ -22,6 +22,7 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	./scripts/ensure-redis-server
+	./scripts/ensure-deploy-tools
 	$(VENV)/bin/pytest
 
 # Benchmarks (bench/README.md): `make bench`, or `make bench BENCH_ARGS=--quick`. Adds the bench extra
