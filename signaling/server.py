@@ -1034,9 +1034,9 @@ class Switchboard:
 
     async def _on_reply(self, conn: Party, reply: wire.Reply) -> None:
         self._registered(conn)
-        if reply.code >= 300 and reply.call_id not in self.calls:
-            # A device confirming a CANCEL (487) or declining a call that has just ended: nothing is left to do,
-            # and it did nothing wrong.
+        if (reply.code >= 300 or reply.method is wire.Method.UPDATE) and reply.call_id not in self.calls:
+            # A device confirming a CANCEL (487), declining a call that has just ended, or answering an UPDATE
+            # that crossed the call's end: nothing is left to do, and it did nothing wrong.
             return
         handle, device_id = self._handle_for(conn, reply.call_id)
         event: core.Event

@@ -372,6 +372,35 @@ async def test_out_of_order_requests_in_a_live_call_are_refused_and_the_call_goe
     assert (await dave.next_event("ice"))["candidate"].startswith("candidate:5 ")
 
 
+async def test_an_answer_to_an_update_that_crossed_the_end_of_the_call_is_taken_quietly(sip: Harness) -> None:
+    alice, bob = await sip.device("alice"), await sip.device("bob")
+    # While ringing: the caller replaces its offer, then gives up before the phone has taken it.
+    ringing = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    assert (await ringing.update(OFFER + "a=sendonly\r\n"))["code"] == 200
+    update = await bob.next_event("update")
+    await ringing.cancel()
+    assert (await bob.next_event("cancel"))["reason"] == "caller_cancelled"
+    await incoming.answer_update(update, 100)
+    # Established: the caller hangs up while its UPDATE waits for bob's answer.
+    call = await alice.invite("bob", OFFER)
+    incoming = await bob.incoming()
+    await incoming.answer(ANSWER)
+    await call.answered()
+    await call.ack()
+    pending = asyncio.create_task(call.update(OFFER + "a=sendonly\r\n"))
+    update = await bob.next_event("update")
+    await call.hangup()
+    with pytest.raises(ClientError) as ended:
+        await pending
+    assert ended.value.code == 487
+    assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
+    await incoming.answer_update(update, 200, ANSWER)
+    # Neither late answer was refused: no error frame, and the connection is fine.
+    assert (await bob.keepalive())["code"] == 200
+    assert [f for f in bob.pending_events() if f["type"] == "error"] == []
+
+
 async def test_more_outgoing_calls_than_allowed_get_403_limit_exceeded(sip: Harness) -> None:
     alice = await sip.device("alice")
     bob = await sip.device("bob")
