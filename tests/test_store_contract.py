@@ -1407,3 +1407,38 @@ async def test_heartbeats_tell_which_nodes_are_alive(store: Store, manual_clock:
     assert await store.heartbeat("node-a", 10, ["node-b", "node-a"]) == frozenset()
     manual_clock.advance(1)  # node-b is silent for its whole ttl
     assert await store.heartbeat("node-c", 10, ["node-a", "node-b"]) == {"node-b"}
+
+
+async def test_after_redis_lost_its_data_every_node_gets_a_ttl_to_beat_again(
+    redis_store: RedisStore, empty_redis: EmptyRedis, manual_clock: ManualClock
+) -> None:
+    # node-b beats and is watched by node-a; then Redis restarts empty (FLUSHALL on every master).
+    assert await redis_store.heartbeat("node-b", 10, ()) == frozenset()
+    assert await redis_store.heartbeat("node-a", 10, ["node-b"]) == frozenset()
+    for url in empty_redis.masters:
+        with redis.Redis.from_url(url) as master:
+            master.flushall()
+    manual_clock.advance(3)
+    # node-b's record is gone with everything else: it is not taken for dead (its calls would end) ...
+    assert await redis_store.heartbeat("node-a", 10, ["node-b", "node-c"]) == frozenset()
+    manual_clock.advance(9)
+    # ... until it has had a whole ttl since the loss to beat again and did not.
+    assert await redis_store.heartbeat("node-a", 10, ["node-b"]) == frozenset()
+    manual_clock.advance(1)
+    assert await redis_store.heartbeat("node-a", 10, ["node-b", "node-c"]) == {"node-b", "node-c"}
+
+
+async def test_a_node_that_beats_again_after_redis_lost_its_data_stays_alive(
+    redis_store: RedisStore, empty_redis: EmptyRedis, manual_clock: ManualClock
+) -> None:
+    await redis_store.heartbeat("node-b", 10, ())
+    await redis_store.heartbeat("node-a", 10, ["node-b"])
+    for url in empty_redis.masters:
+        with redis.Redis.from_url(url) as master:
+            master.flushall()
+    manual_clock.advance(3)
+    assert await redis_store.heartbeat("node-a", 10, ["node-b"]) == frozenset()
+    await redis_store.heartbeat("node-b", 10, ())
+    manual_clock.advance(11)
+    await redis_store.heartbeat("node-b", 10, ())
+    assert await redis_store.heartbeat("node-a", 10, ["node-b"]) == frozenset()

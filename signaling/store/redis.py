@@ -629,6 +629,10 @@ class RedisStore:
         self._client = client
         # Every command goes through the batcher: those issued in one event-loop iteration share a round trip.
         self._batch = Batcher(client)
+        # Heartbeats: when each node this store beat for is due to expire, and when Redis was last seen to have
+        # lost its data (see `heartbeat`).
+        self._beaten_until: dict[str, float] = {}
+        self._lost_at: float | None = None
 
     async def start(self) -> None:
         """Check Redis answers and load the scripts (on every master of a cluster); raise `StoreUnavailable`
@@ -735,18 +739,33 @@ class RedisStore:
         )
 
     async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
-        """See `Store.heartbeat`: one pipeline of a SET and a GET per watched node. Liveness is the expiry in
-        the value, read against the clock, as for every other record here."""
+        """See `Store.heartbeat`: one pipeline of a SET (which returns the previous beat) and a GET per watched
+        node. Liveness is the expiry in the value, read against the clock, as for every other record here.
+
+        A node with no heartbeat on record has stopped beating long enough for its key to be collected, unless
+        Redis lost its data (a restart: it keeps nothing on disk). This store tells the two apart by its own
+        beat: when the previous one it wrote is gone though it has not expired, Redis lost everything, and for
+        `ttl` from then a node with no record counts as alive: every live node writes its beat again sooner.
+        """
         now = self._clock.now()
         nodes = sorted(set(watch))
-        _, *values = await self._run(
+        previous, *values = await self._run(
             "heartbeat",
             [
-                ("SET", self._keys.node(node_id), repr(now + ttl), "EX", _gc_ttl(ttl)),
+                ("SET", self._keys.node(node_id), repr(now + ttl), "EX", _gc_ttl(ttl), "GET"),
                 *(("GET", self._keys.node(node)) for node in nodes),
             ],
         )
-        return frozenset(n for n, v in zip(nodes, values, strict=True) if v is None or float(v) <= now)
+        beaten_until = self._beaten_until.get(node_id)
+        if previous is None and beaten_until is not None and beaten_until > now:
+            self._lost_at = now
+        self._beaten_until[node_id] = now + ttl
+        trust_missing = self._lost_at is None or now - self._lost_at >= ttl
+        return frozenset(
+            n
+            for n, v in zip(nodes, values, strict=True)
+            if (v is None and trust_missing) or (v is not None and float(v) <= now)
+        )
 
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
         """See `Store.take_notices`: one script (LRANGE and DEL)."""
