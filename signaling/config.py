@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+import jwt
+
 from signaling import redis_url
 
 # Used only when no JWT key is configured. The server then binds to loopback and says so loudly.
@@ -159,6 +161,7 @@ class Settings:
             raise ConfigError("SIPLITE_JWT_SECRET must be at least 32 characters")
         if self.jwt_secret is not None and self.jwt_public_key_file is not None:
             raise ConfigError("set SIPLITE_JWT_SECRET or SIPLITE_JWT_PUBLIC_KEY_FILE, not both")
+        self._check_algorithms()
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("SIPLITE_LOG_FORMAT must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -169,6 +172,26 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"SIPLITE_REDIS_URL: {exc}") from None
         return self
+
+    def _check_algorithms(self) -> None:
+        """Each accepted algorithm must be one the configured key can verify: an HMAC secret for HS*, a public key
+        for the others. A mix is refused, so that a public key is never used as an HMAC secret (the classic
+        algorithm confusion) and no setting silently refuses every token."""
+        known = set(jwt.algorithms.get_default_algorithms()) - {"none"}
+        for name in self.algorithms():
+            if name.lower() == "none":
+                raise ConfigError("SIPLITE_JWT_ALGORITHMS: 'none' (unsigned tokens) is never accepted")
+            if name not in known:
+                raise ConfigError(
+                    f"SIPLITE_JWT_ALGORITHMS: unknown algorithm {name!r}; use {', '.join(sorted(known))}"
+                )
+            if name.startswith("HS") and self.jwt_public_key_file is not None:
+                raise ConfigError(
+                    f"SIPLITE_JWT_ALGORITHMS: {name} needs a shared secret (SIPLITE_JWT_SECRET), "
+                    "not a public key file"
+                )
+            if not name.startswith("HS") and self.jwt_public_key_file is None:
+                raise ConfigError(f"SIPLITE_JWT_ALGORITHMS: {name} needs SIPLITE_JWT_PUBLIC_KEY_FILE")
 
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:

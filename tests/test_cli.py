@@ -129,6 +129,14 @@ async def test_unreachable_redis_fails_fast_with_a_clear_message(template: str, 
         ({"SIPLITE_JWT_SECRET": "short"}, "SIPLITE_JWT_SECRET"),
         ({"SIPLITE_HOST": "0.0.0.0"}, "no JWT key configured"),  # noqa: S104 - refusing it is the point
         ({"SIPLITE_REDIS_URL": "http://x"}, "SIPLITE_REDIS_URL"),
+        ({"SIPLITE_JWT_ALGORITHMS": "none"}, "SIPLITE_JWT_ALGORITHMS: 'none' (unsigned tokens) is never accepted"),
+        ({"SIPLITE_JWT_ALGORITHMS": "HS256,None"}, "SIPLITE_JWT_ALGORITHMS: 'none'"),
+        ({"SIPLITE_JWT_ALGORITHMS": "HS257"}, "SIPLITE_JWT_ALGORITHMS: unknown algorithm 'HS257'"),
+        ({"SIPLITE_JWT_ALGORITHMS": "ES256"}, "SIPLITE_JWT_ALGORITHMS: ES256 needs SIPLITE_JWT_PUBLIC_KEY_FILE"),
+        (
+            {"SIPLITE_JWT_PUBLIC_KEY_FILE": "/k.pem", "SIPLITE_JWT_ALGORITHMS": "RS256,HS256"},
+            "SIPLITE_JWT_ALGORITHMS: HS256 needs a shared secret",
+        ),
         ({"SIPLITE_REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "SIPLITE_REDIS_URL: a Sentinel URL names"),
         (
             {"SIPLITE_APNS_KEY_FILE": "/nonexistent/AuthKey.p8"},
@@ -148,7 +156,7 @@ async def test_bad_configuration_exits_2_naming_the_setting(extra: dict[str, str
 
 def test_toml_file_then_environment(tmp_path: Path) -> None:
     path = tmp_path / "siplite.toml"
-    path.write_text('port = 9000\nring_timeout = 30\njwt_algorithms = ["ES256"]\n')
+    path.write_text('port = 9000\nring_timeout = 30\njwt_public_key_file = "/k.pem"\njwt_algorithms = ["ES256"]\n')
     settings = config.load({"SIPLITE_PORT": "9100"}, str(path))
     assert (settings.port, settings.ring_timeout, settings.jwt_algorithms) == (9100, 30.0, ("ES256",))
     path.write_text("prot = 1\n")
