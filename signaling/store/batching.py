@@ -22,6 +22,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "Batcher", "Pipelined"]
 
 DEFAULT_MAX_IN_FLIGHT: Final = 8
@@ -91,11 +93,17 @@ class Batcher:
     async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
         self.round_trips += 1
         try:
-            pipe: _Pipeline = self._client.pipeline(transaction=False)
-            for commands, _ in batch:
-                for command in commands:
-                    pipe.execute_command(*command)
-            replies = await pipe.execute(raise_on_error=False)
+            sent = [command for commands, _ in batch for command in commands]
+            replies = await self._pipeline(sent)
+            # A Redis Cluster pipeline hands a node's connection failure back as the reply of each command
+            # sent to that node, where one server's pipeline raises it and its client retries once (a pooled
+            # connection that died). Those commands are sent once more, as one server's client would: by then
+            # the cluster client has asked for a fresh slot map, so after a failover they reach the new master.
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, RedisConnectionError)]
+            if lost:
+                self.round_trips += 1
+                for i, reply in zip(lost, await self._pipeline([sent[i] for i in lost]), strict=True):
+                    replies[i] = reply
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():
@@ -108,6 +116,12 @@ class Batcher:
             if not future.done():
                 future.set_result(replies[at : at + len(commands)])
             at += len(commands)
+
+    async def _pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        pipe: _Pipeline = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def close(self) -> None:
         """Wait for the pipelines in flight (their callers get their replies)."""
