@@ -93,7 +93,7 @@ class RedisBus:
     def __init__(self, url: str, prefix: str) -> None:
         self._target = redis_url.parse(url)
         # As in the store: one immediate retry hides a pooled connection that died.
-        self._redis = self._target.connect(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), retries=1))
+        self._redis = self._connect()
         self._client = self._redis.client
         self._prefix = prefix
         self._reader: asyncio.Task[None] | None = None
@@ -134,7 +134,7 @@ class RedisBus:
         while True:
             try:
                 if isinstance(self._client, redis.asyncio.RedisCluster):
-                    await self._read_sharded(self._client, channel, handler)
+                    await self._read_sharded(channel, handler)
                 else:
                     await self._read_classic(self._client, channel, handler)
             except asyncio.CancelledError:
@@ -153,19 +153,32 @@ class RedisBus:
                 if item.get("type") == "message":
                     await self._handle(item["data"], handler)
 
-    async def _read_sharded(self, client: redis.asyncio.RedisCluster, channel: str, handler: Handler) -> None:
-        pubsub = client.pubsub()
+    async def _read_sharded(self, channel: str, handler: Handler) -> None:
+        # Each subscription gets a cluster client of its own, which reads the slot map afresh. A failed
+        # SSUBSCRIBE does not make redis-py refresh a client's map: after a failover, a client that had read
+        # the map before the replica took over would try the dead master again and again.
+        subscriber = self._connect()
         try:
-            await pubsub.ssubscribe(channel)
-            self._subscribed.set()
-            while True:
-                item = await pubsub.get_sharded_message(
-                    ignore_subscribe_messages=True, timeout=_SHARDED_READ_TIMEOUT
-                )
-                if item is not None and item.get("type") == "smessage":
-                    await self._handle(item["data"], handler)
+            if not isinstance(subscriber.client, redis.asyncio.RedisCluster):
+                raise TypeError("a cluster URL gave a client for one server")
+            pubsub = subscriber.client.pubsub()
+            try:
+                await pubsub.ssubscribe(channel)
+                self._subscribed.set()
+                while True:
+                    item = await pubsub.get_sharded_message(
+                        ignore_subscribe_messages=True, timeout=_SHARDED_READ_TIMEOUT
+                    )
+                    if item is not None and item.get("type") == "smessage":
+                        await self._handle(item["data"], handler)
+            finally:
+                await pubsub.aclose()
         finally:
-            await pubsub.aclose()
+            await subscriber.aclose()
+
+    def _connect(self) -> redis_url.RedisClient:
+        # As in the store: one immediate retry hides a pooled connection that died.
+        return self._target.connect(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), retries=1))
 
     async def _handle(self, data: bytes, handler: Handler) -> None:
         try:

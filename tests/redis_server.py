@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Final, Self
 
 import redis
+import redis.exceptions
 import redis.sentinel
 
 __all__ = ["RedisClusterServers", "RedisSentinelServers", "RedisServer", "RedisServerError", "free_port"]
@@ -214,55 +215,118 @@ class _Group(_Started):
 
 
 class RedisClusterServers(_Group):
-    """A Redis Cluster of `masters` cluster-enabled redis-servers on free ports, without replicas.
+    """A Redis Cluster of `masters` cluster-enabled redis-servers on free ports, each with `replicas` replicas.
 
-    The slots are split evenly and assigned by hand (CLUSTER ADDSLOTSRANGE, SET-CONFIG-EPOCH, MEET), which
-    is what `redis-cli --cluster create` does, without its fixed one-second waits.
+    The slots are split evenly and assigned by hand (CLUSTER ADDSLOTSRANGE, SET-CONFIG-EPOCH, MEET, REPLICATE),
+    which is what `redis-cli --cluster create` does, without its fixed one-second waits. `node_timeout` is the
+    cluster-node-timeout, in seconds: how long a silent master has before its replica takes over.
     """
 
     SLOTS = 16384
 
-    def __init__(self, masters: int = 3, *, host: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout: float = 15.0,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 10.0,
+    ) -> None:
         self.host = host
         self.masters = masters
+        self.replicas = replicas
+        self.node_timeout = node_timeout
         self.startup_timeout = startup_timeout
         self.servers = []
         self._bus_ports: list[int] = []
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"{self.host}:{s.port}" for s in self.servers)
+        return "redis+cluster://" + ",".join(f"{self.host}:{s.port}" for s in self.servers if s.running)
 
     def start(self) -> None:
-        """Start the nodes, join them into one cluster, and return once every node reports `cluster_state:ok`."""
-        for _ in range(self.masters):
+        """Start the nodes, join them into one cluster, and return once every node reports `cluster_state:ok`
+        (and every replica is in sync with its master)."""
+        for _ in range(self.masters * (1 + self.replicas)):
             self._start_node()
         clients = [redis.Redis(self.host, s.port, decode_responses=True) for s in self.servers]
         try:
             for i, client in enumerate(clients):
                 client.cluster("SET-CONFIG-EPOCH", i + 1)
+            for i, client in enumerate(clients[: self.masters]):
                 first, last = i * self.SLOTS // self.masters, (i + 1) * self.SLOTS // self.masters - 1
                 client.cluster("ADDSLOTSRANGE", first, last)
             for server, bus_port in zip(self.servers[1:], self._bus_ports[1:], strict=True):
                 clients[0].cluster("MEET", self.host, server.port, bus_port)
-
-            def joined() -> bool:
-                for client in clients:
-                    info = client.cluster("INFO")
-                    if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) != self.masters:
-                        return False
-                return True
-
-            _poll(joined, self.startup_timeout, "the cluster did not reach cluster_state:ok")
+            _poll(lambda: self._agree(clients, state=None), self.startup_timeout, "the nodes did not meet")
+            for i, replica in enumerate(clients[self.masters :]):
+                replica.cluster("REPLICATE", clients[i % self.masters].cluster("MYID"))
+            _poll(lambda: self._agree(clients, state="ok"), self.startup_timeout, "the cluster did not form")
         finally:
             for client in clients:
                 client.close()
 
-    def flush(self) -> None:
-        """Empty every node (FLUSHALL on each master: a cluster's keys are spread over them)."""
+    def wait_for_failover(self) -> None:
+        """Return once a replica serves every slot of the master that was stopped, and every running node
+        agrees and says `cluster_state:ok` again."""
+        running = {s.port for s in self.servers if s.running}
+        clients = [redis.Redis(self.host, port, decode_responses=True) for port in running]
+
+        def taken_over() -> bool:
+            for client in clients:
+                if any(int(node[1]) not in running for _, _, node, *_ in client.cluster("SLOTS")):
+                    return False
+            return self._agree(clients, state="ok")
+
+        try:
+            _poll(taken_over, self.startup_timeout, "no replica took over")
+        finally:
+            for client in clients:
+                client.close()
+
+    def wait_for_shard_channel(self, channel: str) -> None:
+        """Return once the master that serves `channel`'s slot has a shard subscriber to it (SSUBSCRIBE)."""
+        with redis.Redis.from_url(self.master_of(channel).url, decode_responses=True) as master:
+            _poll(
+                lambda: channel in master.pubsub_shardchannels(),
+                self.startup_timeout,
+                f"nobody subscribed {channel!r}",
+            )
+
+    def master_of(self, key: str) -> RedisServer:
+        """The running server that serves `key`'s slot now (the others answer MOVED)."""
         for server in self.servers:
-            with redis.Redis(self.host, server.port) as client:
-                client.flushall()
+            if server.running:
+                with redis.Redis(self.host, server.port) as client:
+                    try:
+                        client.exists(key)
+                    except redis.exceptions.MovedError:
+                        continue
+                    return server
+        raise RedisServerError(f"no running master serves {key!r}")
+
+    def flush(self) -> None:
+        """Empty every master (FLUSHALL on each: a cluster's keys are spread over them)."""
+        for server in self.servers:
+            with redis.Redis(self.host, server.port, decode_responses=True) as client:
+                if client.info("replication")["role"] == "master":
+                    client.flushall()
+
+    def _agree(self, clients: list[redis.Redis], *, state: str | None) -> bool:
+        """Every node knows every other (and says `cluster_state:<state>`, and every replica is in sync)."""
+        for client in clients:
+            info = client.cluster("INFO")
+            if int(info["cluster_known_nodes"]) != len(self.servers):
+                return False
+            if state is None:
+                continue
+            if info["cluster_state"] != state:
+                return False
+            replication = client.info("replication")
+            if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                return False
+        return True
 
     def _start_node(self) -> None:
         # The cluster bus port is chosen like the client port; a race that takes it is retried with another.
@@ -275,6 +339,9 @@ class RedisClusterServers(_Group):
                 "nodes.conf",
                 "--cluster-port",
                 str(bus_port),
+                "--cluster-node-timeout",
+                str(round(self.node_timeout * 1000)),
+                *_NO_SYNC_DELAY,
             ]
             server = RedisServer(host=self.host, extra_args=args, startup_timeout=self.startup_timeout)
             try:
@@ -289,51 +356,101 @@ class RedisClusterServers(_Group):
 
 
 class RedisSentinelServers(_Group):
-    """A redis-server and one Sentinel that monitors it as `master_name` (quorum 1, no replicas)."""
+    """A redis-server and one Sentinel that monitors it as `master_name` (quorum 1), and with `replica` a
+    replica of it that Sentinel can promote. `down_after` is Sentinel's down-after-milliseconds, in seconds:
+    how long a silent master has before the failover starts."""
 
     def __init__(
-        self, master_name: str = "siplite", *, host: str = "127.0.0.1", startup_timeout: float = 10.0
+        self,
+        master_name: str = "siplite",
+        *,
+        replica: bool = False,
+        down_after: float = 5.0,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 10.0,
     ) -> None:
         self.host = host
         self.master_name = master_name
+        self.down_after = down_after
         self.startup_timeout = startup_timeout
-        self.master = RedisServer(host=host, startup_timeout=startup_timeout)
+        self.master = RedisServer(host=host, extra_args=_NO_SYNC_DELAY, startup_timeout=startup_timeout)
+        self.replica: RedisServer | None = None
         self.sentinel: RedisServer | None = None
         self.servers = [self.master]
+        self._with_replica = replica
 
     @property
     def url(self) -> str:
-        if self.sentinel is None:
-            raise RedisServerError("the Sentinel's port is chosen by start()")
-        return f"redis+sentinel://{self.host}:{self.sentinel.port}/{self.master_name}"
+        return f"redis+sentinel://{self.host}:{self._sentinel().port}/{self.master_name}"
 
     def start(self) -> None:
-        """Start the master, then the Sentinel, and return once the Sentinel names the master."""
+        """Start the master (and its replica, once in sync), then the Sentinel; return once the Sentinel
+        names the master (and knows the replica)."""
         self.master.start()
-        config = f"sentinel monitor {self.master_name} {self.host} {self.master.port} 1\n"
+        if self._with_replica:
+            self.replica = RedisServer(
+                host=self.host,
+                extra_args=["--replicaof", self.host, str(self.master.port)],
+                startup_timeout=self.startup_timeout,
+            )
+            self.servers.append(self.replica)
+            self.replica.start()
+            with redis.Redis.from_url(self.replica.url) as replica:
+                _poll(
+                    lambda: replica.info("replication").get("master_link_status") == "up",
+                    self.startup_timeout,
+                    "the replica did not sync with the master",
+                )
+        name = self.master_name
+        config = (
+            f"sentinel monitor {name} {self.host} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} {round(self.down_after * 1000)}\n"
+        )
         self.sentinel = RedisServer(
             host=self.host, extra_args=["--sentinel"], config=config, startup_timeout=self.startup_timeout
         )
         self.servers.append(self.sentinel)
         self.sentinel.start()
-        sentinel = redis.sentinel.Sentinel([(self.host, self.sentinel.port)], socket_timeout=1.0)
-        expected = (self.host, self.master.port)
+        replicas = 1 if self._with_replica else 0
+        self._wait_for(self.master, replicas, "Sentinel did not name the master")
 
-        def ready() -> bool:
-            try:
-                return bool(sentinel.discover_master(self.master_name) == expected)
-            except redis.sentinel.MasterNotFoundError:
-                return False
-
-        try:
-            _poll(ready, self.startup_timeout, "Sentinel did not name the master")
-        finally:
-            for client in sentinel.sentinels:
-                client.close()
+    def wait_for_failover(self) -> None:
+        """Return once Sentinel names the replica as the master (after the master was stopped)."""
+        if self.replica is None:
+            raise RedisServerError("a failover needs a replica")
+        self._wait_for(self.replica, 0, "Sentinel did not promote the replica")
 
     def flush(self) -> None:
         with redis.Redis.from_url(self.master.url) as client:
             client.flushall()
+
+    def _sentinel(self) -> RedisServer:
+        if self.sentinel is None:
+            raise RedisServerError("the Sentinel's port is chosen by start()")
+        return self.sentinel
+
+    def _wait_for(self, master: RedisServer, replicas: int, failure: str) -> None:
+        sentinel = redis.sentinel.Sentinel([(self.host, self._sentinel().port)], socket_timeout=1.0)
+        expected = (self.host, master.port)
+
+        def named() -> bool:
+            try:
+                return bool(
+                    sentinel.discover_master(self.master_name) == expected
+                    and len(sentinel.discover_slaves(self.master_name)) >= replicas
+                )
+            except redis.sentinel.MasterNotFoundError:
+                return False
+
+        try:
+            _poll(named, self.startup_timeout, failure)
+        finally:
+            for client in sentinel.sentinels:
+                client.close()
+
+
+# A master waits five seconds for more replicas before a diskless full sync, by default.
+_NO_SYNC_DELAY: Final = ("--repl-diskless-sync-delay", "0")
 
 
 def _poll(done: Callable[[], bool], timeout: float, failure: str) -> None:

@@ -23,7 +23,7 @@ from signaling.client import CallFailed, Client, ClientError, OutgoingCall, Reco
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
-from tests.redis_server import RedisClusterServers, RedisServer
+from tests.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
 
 PHONE = "0a" * 32
 CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
@@ -291,6 +291,56 @@ async def test_a_redis_restart_is_ridden_out_and_every_node_restores_itself(manu
             second = await carol.invite("bob", OFFER)
             incoming = await bob.incoming()
             assert incoming.call_id == second.call_id
+
+
+async def test_a_sentinel_failover_is_ridden_out_and_the_nodes_follow_the_new_master(
+    manual_clock: ManualClock,
+) -> None:
+    with RedisSentinelServers(replica=True, down_after=1.0) as servers:
+        async with nodes(servers.url, manual_clock, ("a", "b")) as cluster:
+            _, bob, call = await established(cluster, "a", "b")
+            carol = await cluster["a"].device("carol")
+
+            servers.master.stop()
+            await asyncio.to_thread(servers.wait_for_failover)
+            # Every node's bus lost its subscription with the old master and subscribes on the new one.
+            for node in cluster.nodes.values():
+                bus = node.board.bus
+                assert isinstance(bus, RedisBus)
+                async with asyncio.timeout(10):
+                    await bus.subscribed.wait()
+            await goes_on(cluster, call, bob, carol)
+
+
+async def test_a_redis_cluster_failover_is_ridden_out_and_the_bus_follows_its_channel(
+    manual_clock: ManualClock,
+) -> None:
+    with RedisClusterServers(replicas=1, node_timeout=1.0) as servers:
+        async with nodes(servers.url, manual_clock, ("a", "b")) as cluster:
+            _, bob, call = await established(cluster, "a", "b")
+            carol = await cluster["a"].device("carol")
+
+            # The master that serves node b's bus channel goes down; its replica takes over, and node b
+            # subscribes the channel there.
+            bus = cluster["b"].board.bus
+            assert isinstance(bus, RedisBus)
+            channel = bus.channel("node-b")
+            servers.master_of(channel).stop()
+            await asyncio.to_thread(servers.wait_for_failover)
+            await asyncio.to_thread(servers.wait_for_shard_channel, channel)
+            await goes_on(cluster, call, bob, carol)
+
+
+async def goes_on(cluster: Cluster, call: OutgoingCall, callee: Client, other: Client) -> None:
+    """After Redis came back: the call that was up all along still relays between its nodes (caller on "a",
+    bob, the `callee`, on "b"), `other` can call bob, and every node is ready."""
+    assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+    assert (await callee.next_event("ice"))["candidate"] == CANDIDATE
+    second = await other.invite("bob", OFFER)
+    assert (await callee.incoming()).call_id == second.call_id
+    for node in cluster.nodes.values():
+        async with aiohttp.ClientSession() as http, http.get(node.url.replace("/ws", "/readyz")) as ready:
+            assert ready.status == 200
 
 
 # ---------------------------------------------------------------------------------------------- network changes
