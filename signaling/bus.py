@@ -20,9 +20,10 @@ bytes the client sent.
 The bus takes the store's URL (see `signaling.redis_url`). On a Redis Cluster (`redis+cluster://`) it uses
 sharded pub/sub, SSUBSCRIBE and SPUBLISH (Redis 7+): the channel name carries the node id as a hash tag, so each
 channel lives in one slot and a message goes to the one master that serves it, where classic PUBLISH would be
-copied over the cluster bus to every node. redis-py's cluster pub/sub follows the channel when its slot moves
-(failover, resharding). Behind Sentinel (`redis+sentinel://`) it is classic pub/sub on the master, subscribed
-again on the new master after a failover.
+copied over the cluster bus to every node. When the channel's master fails, the subscriber subscribes again
+where the slot map says the channel now lives (a replica that took over); redis-py moves a subscription whose
+slot migrates while its node stays up. Behind Sentinel (`redis+sentinel://`) it is classic pub/sub on the
+master, subscribed again on the new master after a failover. Either way, messages published in between are lost.
 """
 
 from __future__ import annotations
