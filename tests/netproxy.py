@@ -4,6 +4,7 @@
         url = f"ws://127.0.0.1:{proxy.port}/ws"
         ...
         await proxy.cut()   # every connection through it is reset, both ways; new ones are let through
+        await proxy.close() # it stops listening, then resets every connection: the old network is gone
 
 Real sockets on both sides: the client sees its connection die without a close frame, the server sees EOF.
 """
@@ -24,6 +25,7 @@ class Proxy:
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
         self.connections = 0
+        self._closed = False
 
     @property
     def port(self) -> int:
@@ -38,10 +40,18 @@ class Proxy:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop listening, then reset every connection: a client that tries to come back this way is refused,
+        and none slips through between the two. Idempotent."""
+        server, self._server = self._server, None
+        self._closed = True
+        if server is not None:
+            server.close()
         await self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
 
     async def cut(self) -> None:
         """Reset every connection through the proxy (no FIN, no close frame), and wait until they are gone."""
@@ -59,6 +69,10 @@ class Proxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        if self._closed:  # accepted just before `close()`: it goes the way of the others
+            for late in (writer, up_writer):
+                late.transport.abort()
+            return
         self._pairs.add((writer, up_writer))
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             pump = asyncio.create_task(self._pump(source, sink))

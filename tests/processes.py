@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import sys
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,20 +81,32 @@ class Node:
         """Where the log is now: pass it as `since` to wait only for what comes after."""
         return len(self.log)
 
-    async def logged(self, event: str, *, since: int = 0, timeout: float = WAIT, **fields: object) -> Line:
-        """The first log line from `since` on with this event name and these field values, waiting for it."""
+    async def logged(
+        self,
+        event: str,
+        *,
+        since: int = 0,
+        count: int = 1,
+        where: Callable[[Line], bool] = lambda line: True,
+        timeout: float = WAIT,
+        **fields: object,
+    ) -> Line:
+        """The `count`th log line from `since` on with this event name and these field values (and for which
+        `where` is true), waiting for it."""
 
         def found() -> Line | None:
-            for line in self.log[since:]:
-                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
-                    return line
-            return None
+            matching = (
+                line
+                for line in self.log[since:]
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()) and where(line)
+            )
+            return next(itertools.islice(matching, count - 1, None), None)
 
         try:
             async with asyncio.timeout(timeout), self.grown:
                 line = await self.grown.wait_for(lambda: found() or self.log_ended)
         except TimeoutError:
-            raise AssertionError(f"{self.name} logged no {event} {fields} within {timeout}s") from None
+            raise AssertionError(f"{self.name} logged no {count} {event} {fields} within {timeout}s") from None
         if not isinstance(line, dict):
             raise AssertionError(f"{self.name} exited without logging {event} {fields}: {self.log[-5:]}")
         return line
