@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import redis
@@ -486,6 +487,9 @@ async def test_a_drained_process_sends_its_clients_elsewhere_keeps_their_call_an
                 assert (await client.next_event("reconnect"))["reason"] == "draining"
             assert (await idle.wait_closed()).code == 1012
             await readiness([a], 503)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await Client.connect(a.url)
+            assert refused.value.status == 503
             assert (await alice.next_event("reconnected"))["url"] == b.url
             assert (await bob.next_event("reconnected"))["url"] == c.url
             for user in ("alice", "bob"):
@@ -503,3 +507,21 @@ async def test_a_drained_process_sends_its_clients_elsewhere_keeps_their_call_an
                 ["connected"],
                 ["connected"],
             )
+
+
+async def test_a_drained_process_whose_call_never_ends_exits_at_the_drain_timeout(phones: Phones) -> None:
+    """Alice (on A, which owns the call) does not come back after A sends her away; A gives up at its drain
+    timeout (1 s) and exits. Bob, on B, is told the call ended once B sees A has stopped beating."""
+    settings = {**SETTINGS, "SIPLITE_DRAIN_TIMEOUT": "1", "SIPLITE_NODE_TTL": "1"}
+    with RedisServer() as redis_server:
+        async with serving(redis_server.url, NAMES[:2], **settings) as (a, b):
+            alice = await phones.device(a, "alice")
+            bob = await phones.device(b, "bob")
+            call = await established(alice, bob)
+            mark = a.mark()
+            a.terminate()
+            assert (await alice.wait_closed()).code == 1012
+            assert await a.exited() == 0
+            assert (await a.logged("server.drained", since=mark))["calls_left"] == 1
+            assert (await bob.next_event("peer", call_id=call.call_id))["state"] == "reconnecting"
+            assert (await bob.next_event("bye", call_id=call.call_id))["reason"] == "peer_gone"
