@@ -1312,6 +1312,23 @@ async def test_unreachable_redis_raises_store_unavailable(unused_port: int, manu
     await store.close()
 
 
+async def test_a_url_of_the_wrong_kind_is_refused_at_start(
+    redis_url: str, redis_cluster: RedisClusterServers, manual_clock: ManualClock
+) -> None:
+    # A plain URL would reach one node of the cluster, and the keys of the other nodes' slots would fail one
+    # by one at run time; a cluster URL on a plain server cannot find a cluster.
+    plain_on_a_cluster = RedisStore(redis_cluster.servers[0].url, manual_clock)
+    cluster_on_a_server = RedisStore(redis_url.replace("redis://", "redis+cluster://"), manual_clock)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"is a Redis Cluster node: use a redis\+cluster:// URL"):
+            await plain_on_a_cluster.start()
+        with pytest.raises(StoreUnavailable, match=r"cannot reach Redis at cluster .*Cluster mode is not enabled"):
+            await cluster_on_a_server.start()
+    finally:
+        await plain_on_a_cluster.close()
+        await cluster_on_a_server.close()
+
+
 @pytest.fixture
 def own_redis_server() -> Iterator[RedisServer]:
     """A redis-server of the test's own, free to stop and restart."""
