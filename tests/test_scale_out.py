@@ -1,4 +1,4 @@
-"""Issue 4's scenarios on real processes: three `signaling serve` processes on one real redis-server.
+"""Issue 4's scenarios on real processes: `signaling serve` processes (three, or two) on one real redis-server.
 
 Each process is started by `tests/processes.py` with the development push recorder (no APNs configured), short
 timeouts, and its JSON log read as it comes. Clients connect to whichever process a load balancer would have
@@ -6,8 +6,9 @@ picked. Each scenario counts what issue 4 says must be zero, and asserts it: cal
 rings (an INVITE for a call that had already ended) and duplicate pushes (more than one VoIP push for one call and
 one device, across every process).
 
-No test sleeps to let something happen: it waits for a frame, a log line of a process, a process's exit, or (for
-`/readyz`, which has nothing to wait on) polls with a bound. Every wait has a generous timeout.
+No test sleeps to let something happen: it waits for a frame, a log line of a process or a process's exit, or,
+for what nothing announces (`/readyz`, a heartbeat written to a restarted Redis), polls with a bound. Every wait
+has a generous timeout, and nothing asserts how fast anything went.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CANDIDATE_BACK = "candidate:2 1 udp 2122260223 192.0.2.2 50002 typ host"
 
 
 class Phones:
-    """The clients a test opened, closed at the end (before its processes are killed)."""
+    """The clients a test opened, closed at its end."""
 
     def __init__(self) -> None:
         self.clients: list[Client] = []
@@ -96,7 +97,8 @@ def received(client: Client, kind: str, call_id: str) -> list[Frame]:
 
 
 async def settled(client: Client) -> None:
-    """Return once the server has sent this client everything it had queued for it (a keepalive round trip)."""
+    """Return once the process this client is connected to has sent it everything it had for it before a
+    keepalive (a round trip)."""
     await client.keepalive()
 
 
