@@ -11,6 +11,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from signaling import redis_url
 from signaling.store.batching import Batcher
 from tests.redis_server import free_port
 
@@ -85,3 +86,25 @@ async def test_a_cancelled_operation_that_has_not_left_is_not_sent(client: redis
     task.cancel()
     assert await batcher.execute([("GET", "n")]) == [None]
     assert task.cancelled()
+
+
+async def test_on_a_cluster_commands_whose_node_connection_died_are_sent_once_more(redis_cluster_url: str) -> None:
+    """A cluster pipeline returns a node's connection failure as its commands' replies; one more round trip
+    sends them again, as one server's client retries a pooled connection that died."""
+    connected = redis_url.parse(redis_cluster_url).connect()
+    cluster = connected.client
+    assert isinstance(cluster, redis.asyncio.RedisCluster)
+    batcher = Batcher(cluster)
+    try:
+        keys = [f"k{{{i}}}" for i in range(12)]  # spread over every master
+        assert await batcher.execute([("SET", key, key) for key in keys]) == [True] * 12
+        # Each master closes the connection the batcher's client pooled with it.
+        for node in cluster.get_primaries():
+            async with redis.asyncio.Redis(host=node.host, port=node.port) as admin:
+                await admin.client_kill_filter(_type="normal", skipme=True)
+        before = batcher.round_trips
+        assert await batcher.execute([("GET", key) for key in keys]) == [key.encode() for key in keys]
+        assert batcher.round_trips == before + 2
+    finally:
+        await batcher.close()
+        await connected.aclose()
