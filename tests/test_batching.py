@@ -100,7 +100,7 @@ async def test_on_a_cluster_commands_whose_node_connection_died_are_sent_once_mo
         assert await batcher.execute([("SET", key, key) for key in keys]) == [True] * 12
         # Each master closes the connection the batcher's client pooled with it.
         for node in cluster.get_primaries():
-            async with redis.asyncio.Redis(host=node.host, port=node.port) as admin:
+            async with redis.asyncio.Redis(host=node.host, port=int(node.port)) as admin:
                 await admin.client_kill_filter(_type="normal", skipme=True)
         before = batcher.round_trips
         assert await batcher.execute([("GET", key) for key in keys]) == [key.encode() for key in keys]
