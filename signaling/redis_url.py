@@ -69,18 +69,19 @@ _DEFAULT_PORT: Final = {Kind.CLUSTER: 6379, Kind.SENTINEL: 26379}
 
 @dataclass(frozen=True, slots=True)
 class RedisUrl:
-    """A parsed URL: where to connect and with which redis-py connection options."""
+    """A parsed URL: where to connect and with which redis-py connection options. Its repr leaves out the URL
+    and the options, which may hold passwords."""
 
-    url: str
+    url: str = field(repr=False)
     kind: Kind
     tls: bool
     nodes: tuple[tuple[str, int], ...] = ()
     """Cluster nodes to start from, or the Sentinels; empty for one server (redis-py parses `url` itself)."""
     master: str | None = None
     """The Sentinel service name of the master."""
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """redis-py connection options from the URL (credentials, db, query), for the data connections."""
-    sentinel_options: Mapping[str, Any] = field(default_factory=dict)
+    sentinel_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def where(self) -> str:

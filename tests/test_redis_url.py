@@ -41,6 +41,7 @@ def test_cluster_and_sentinel_urls_carry_credentials_and_options_for_every_conne
     assert (sentinel.nodes, sentinel.master) == ((("s1", 26379), ("s2", 26379)), "main")
     assert sentinel.options == {"password": "master-pw", "db": 3}
     assert sentinel.sentinel_options == {"password": "sentinel-pw"}
+    assert "pw" not in repr(sentinel)
 
 
 @pytest.mark.parametrize(
