@@ -20,7 +20,8 @@ bytes the client sent.
 The bus takes the store's URL (see `signaling.redis_url`). On a Redis Cluster (`redis+cluster://`) it uses
 sharded pub/sub, SSUBSCRIBE and SPUBLISH (Redis 7+): the channel name carries the node id as a hash tag, so each
 channel lives in one slot and a message goes to the one master that serves it, where classic PUBLISH would be
-copied over the cluster bus to every node. When the channel's master fails, the subscriber subscribes again
+copied over the cluster bus to every node (before Redis 7, which has no sharded pub/sub, the bus falls back to
+that classic pub/sub on a cluster too). When the channel's master fails, the subscriber subscribes again
 where the slot map says the channel now lives (a replica that took over); redis-py moves a subscription whose
 slot migrates while its node stays up. Behind Sentinel (`redis+sentinel://`) it is classic pub/sub on the
 master, subscribed again on the new master after a failover. Either way, messages published in between are lost.
@@ -89,13 +90,17 @@ class LocalBus:
 class RedisBus:
     """The bus over Redis pub/sub, on a client of its own (binary replies; one connection subscribes): sharded
     pub/sub on a Redis Cluster, classic pub/sub on one server or a Sentinel-managed master. `url` is any form
-    `signaling.redis_url` accepts (a malformed one raises `ValueError`)."""
+    `signaling.redis_url` accepts (a malformed one raises `ValueError`).
 
-    def __init__(self, url: str, prefix: str) -> None:
+    `sharded` chooses for a cluster: None (the default) asks the cluster at `start` and uses sharded pub/sub
+    from Redis 7 on and classic pub/sub before, which a cluster broadcasts to every node; True or False
+    forces one or the other."""
+
+    def __init__(self, url: str, prefix: str, *, sharded: bool | None = None) -> None:
         self._target = redis_url.parse(url)
-        # As in the store: one immediate retry hides a pooled connection that died.
         self._redis = self._connect()
         self._client = self._redis.client
+        self._sharded = sharded if isinstance(self._client, redis.asyncio.RedisCluster) else False
         self._prefix = prefix
         self._reader: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -108,7 +113,18 @@ class RedisBus:
     def channel(self, node_id: str) -> str:
         return f"{self._prefix}node:{{{node_id}}}"
 
+    @property
+    def sharded(self) -> bool | None:
+        """Whether the bus uses sharded pub/sub (known after `start` on a cluster)."""
+        return self._sharded
+
     async def start(self, node_id: str, handler: Handler) -> None:
+        if self._sharded is None and isinstance(self._client, redis.asyncio.RedisCluster):
+            try:
+                info = await self._client.info("server")
+            except redis_url.ERRORS as exc:
+                raise StoreUnavailable(f"bus start failed: {self._target.explain(exc)}") from exc
+            self._sharded = int(str(info["redis_version"]).split(".")[0]) >= 7
         self._reader = asyncio.create_task(self._read(self.channel(node_id), handler), name="bus-reader")
         async with asyncio.timeout(5):
             await self._subscribed.wait()
@@ -116,7 +132,7 @@ class RedisBus:
     async def publish(self, node_id: str, message: Message) -> None:
         channel, data = self.channel(node_id), msgpack.packb(message)
         try:
-            if isinstance(self._client, redis.asyncio.RedisCluster):
+            if self._sharded and isinstance(self._client, redis.asyncio.RedisCluster):
                 await self._client.spublish(channel, data)
             else:
                 await self._client.publish(channel, data)
@@ -135,7 +151,7 @@ class RedisBus:
         while True:
             try:
                 if isinstance(self._client, redis.asyncio.RedisCluster):
-                    await self._read_sharded(channel, handler)
+                    await self._read_cluster(channel, handler)
                 else:
                     await self._read_classic(self._client, channel, handler)
             except asyncio.CancelledError:
@@ -146,7 +162,7 @@ class RedisBus:
                 self._subscribed.clear()
                 await asyncio.sleep(_RESUBSCRIBE_DELAY)
 
-    async def _read_classic(self, client: redis.asyncio.Redis, channel: str, handler: Handler) -> None:
+    async def _read_classic(self, client: redis_url.Client, channel: str, handler: Handler) -> None:
         async with client.pubsub() as pubsub:
             await pubsub.subscribe(channel)
             self._subscribed.set()
@@ -154,28 +170,34 @@ class RedisBus:
                 if item.get("type") == "message":
                     await self._handle(item["data"], handler)
 
-    async def _read_sharded(self, channel: str, handler: Handler) -> None:
+    async def _read_cluster(self, channel: str, handler: Handler) -> None:
         # Each subscription gets a cluster client of its own, which reads the slot map afresh. A failed
-        # SSUBSCRIBE does not make redis-py refresh a client's map: after a failover, a client that had read
+        # (S)SUBSCRIBE does not make redis-py refresh a client's map: after a failover, a client that had read
         # the map before the replica took over would try the dead master again and again.
         subscriber = self._connect()
         try:
             if not isinstance(subscriber.client, redis.asyncio.RedisCluster):
                 raise TypeError("a cluster URL gave a client for one server")
-            pubsub = subscriber.client.pubsub()
-            try:
-                await pubsub.ssubscribe(channel)
-                self._subscribed.set()
-                while True:
-                    item = await pubsub.get_sharded_message(
-                        ignore_subscribe_messages=True, timeout=_SHARDED_READ_TIMEOUT
-                    )
-                    if item is not None and item.get("type") == "smessage":
-                        await self._handle(item["data"], handler)
-            finally:
-                await pubsub.aclose()
+            if self._sharded:
+                await self._read_sharded(subscriber.client, channel, handler)
+            else:
+                await self._read_classic(subscriber.client, channel, handler)
         finally:
             await subscriber.aclose()
+
+    async def _read_sharded(self, client: redis.asyncio.RedisCluster, channel: str, handler: Handler) -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.ssubscribe(channel)
+            self._subscribed.set()
+            while True:
+                item = await pubsub.get_sharded_message(
+                    ignore_subscribe_messages=True, timeout=_SHARDED_READ_TIMEOUT
+                )
+                if item is not None and item.get("type") == "smessage":
+                    await self._handle(item["data"], handler)
+        finally:
+            await pubsub.aclose()
 
     def _connect(self) -> redis_url.RedisClient:
         # As in the store: one immediate retry hides a pooled connection that died.
