@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
@@ -28,7 +29,14 @@ import redis
 import redis.exceptions
 import redis.sentinel
 
-__all__ = ["RedisClusterServers", "RedisSentinelServers", "RedisServer", "RedisServerError", "free_port"]
+__all__ = [
+    "RedisClusterServers",
+    "RedisSentinelServers",
+    "RedisServer",
+    "RedisServerError",
+    "TlsFiles",
+    "free_port",
+]
 
 
 class _Started:
@@ -203,6 +211,26 @@ class RedisServer(_Started):
         return self._log.read()[-4000:].decode(errors="replace")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a TLS port needs: a server certificate for 127.0.0.1 and its key, a client certificate with its key
+    in one PEM file (the cluster bus asks its peers for one), and the CA that signed both."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_pem: Path
+
+    def args(self, tls_port: int) -> list[str]:
+        """redis-server arguments for a TLS port beside the plain one (clients need no certificate)."""
+        return [
+            *("--tls-port", str(tls_port), "--tls-cert-file", str(self.cert_file)),
+            *("--tls-key-file", str(self.key_file), "--tls-ca-cert-file", str(self.ca_file)),
+            *("--tls-client-cert-file", str(self.client_pem), "--tls-client-key-file", str(self.client_pem)),
+            *("--tls-auth-clients", "no", "--tls-replication", "yes"),
+        ]
+
+
 class _Group(_Started):
     """Servers started together and stopped together."""
 
@@ -230,20 +258,32 @@ class RedisClusterServers(_Group):
         *,
         replicas: int = 0,
         node_timeout: float = 15.0,
+        tls: TlsFiles | None = None,
         host: str = "127.0.0.1",
         startup_timeout: float = 10.0,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.masters = masters
         self.replicas = replicas
         self.node_timeout = node_timeout
         self.startup_timeout = startup_timeout
         self.servers = []
         self._bus_ports: list[int] = []
+        self._tls_ports: list[int] = []
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"{self.host}:{s.port}" for s in self.servers if s.running)
+
+    @property
+    def tls_url(self) -> str:
+        """`rediss+cluster://` to the TLS ports, trusting the CA of `tls` (the cluster also speaks TLS between
+        its nodes, and tells a TLS client the TLS ports)."""
+        if self.tls is None:
+            raise RedisServerError("the cluster was started without TLS")
+        nodes = ",".join(f"{self.host}:{port}" for port in self._tls_ports)
+        return f"rediss+cluster://{nodes}?ssl_ca_certs={self.tls.ca_file}"
 
     def start(self) -> None:
         """Start the nodes, join them into one cluster, and return once every node reports `cluster_state:ok`
@@ -331,7 +371,8 @@ class RedisClusterServers(_Group):
     def _start_node(self) -> None:
         # The cluster bus port is chosen like the client port; a race that takes it is retried with another.
         for attempt in range(3):
-            bus_port = free_port(self.host)
+            bus_port, tls_port = free_port(self.host), free_port(self.host)
+            tls = [] if self.tls is None else [*self.tls.args(tls_port), "--tls-cluster", "yes"]
             args = [
                 "--cluster-enabled",
                 "yes",
@@ -342,6 +383,7 @@ class RedisClusterServers(_Group):
                 "--cluster-node-timeout",
                 str(round(self.node_timeout * 1000)),
                 *_NO_SYNC_DELAY,
+                *tls,
             ]
             server = RedisServer(host=self.host, extra_args=args, startup_timeout=self.startup_timeout)
             try:
@@ -352,6 +394,7 @@ class RedisClusterServers(_Group):
                 raise
             self.servers.append(server)
             self._bus_ports.append(bus_port)
+            self._tls_ports.append(tls_port)
             return
 
 

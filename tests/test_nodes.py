@@ -22,8 +22,9 @@ from signaling.bus import RedisBus
 from signaling.client import CallFailed, Client, ClientError, OutgoingCall, Reconnect
 from signaling.clock import ManualClock
 from signaling.store.redis import RedisStore
+from tests.apns_server import ApnsPki
 from tests.harness import ANSWER, OFFER, Harness, make_settings, running
-from tests.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
+from tests.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer, TlsFiles
 
 PHONE = "0a" * 32
 CANDIDATE = "candidate:1 1 udp 2122260223 192.0.2.1 50000 typ host"
@@ -243,6 +244,21 @@ async def test_on_a_redis_cluster_the_bus_is_sharded_pub_sub(
         call = await alice.invite("bob", OFFER)
         await (await bob.incoming()).answer(ANSWER)
         assert (await call.answered())["sdp"] == ANSWER
+
+
+async def test_a_call_between_nodes_on_a_redis_cluster_reached_over_tls(
+    apns_pki: ApnsPki, manual_clock: ManualClock
+) -> None:
+    # The nodes listen in plain text too, where a TLS client fails: a call that goes through shows every
+    # connection, to the nodes the URL names and to those CLUSTER SLOTS names, was TLS.
+    tls = TlsFiles(apns_pki.ca_file, apns_pki.server_cert, apns_pki.server_key, apns_pki.client_pem)
+    with RedisClusterServers(tls=tls) as servers:
+        async with nodes(servers.tls_url, manual_clock, ("a", "b")) as cluster:
+            _, bob, call = await established(cluster, "a", "b")
+            assert (await call.ice(CANDIDATE, "0", 0))["code"] == 200
+            assert (await bob.next_event("ice"))["candidate"] == CANDIDATE
+            assert (await call.hangup())["code"] == 200
+            assert (await bob.next_event("bye"))["reason"] == "remote_hangup"
 
 
 # ---------------------------------------------------------------------------------------------- Redis restarts
