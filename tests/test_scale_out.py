@@ -412,19 +412,11 @@ def heartbeat_failed(line: Line) -> bool:
     return str(line.get("detail", "")).startswith("Redis heartbeat failed")
 
 
-LONG_OUTAGE_BUG = (
-    "bug: after an outage longer than the node TTL, Redis comes back empty and the first process to heartbeat "
-    "finds the other's heartbeat missing and takes it for dead, ending their calls ('bye peer_gone' to one "
-    "party, or 'peer reconnecting' to the other); RedisStore.heartbeat tells a Redis that lost its data only "
-    "from its own previous beat not having expired yet, which is no longer so after such an outage"
-)
-
-
 @pytest.mark.parametrize(
     "outage",
     [
         "brief",
-        pytest.param("longer_than_the_node_ttl", marks=pytest.mark.xfail(strict=True, reason=LONG_OUTAGE_BUG)),
+        "longer_than_the_node_ttl",
     ],
 )
 async def test_an_established_cross_process_call_survives_a_redis_restart(phones: Phones, outage: str) -> None:

@@ -1459,3 +1459,18 @@ async def test_a_node_that_beats_again_after_redis_lost_its_data_stays_alive(
     manual_clock.advance(11)
     await redis_store.heartbeat("node-b", 10, ())
     assert await redis_store.heartbeat("node-a", 10, ["node-b"]) == frozenset()
+
+
+async def test_when_a_nodes_own_beat_lapsed_it_gives_the_others_a_ttl_to_beat_again(
+    store: Store, manual_clock: ManualClock
+) -> None:
+    await store.heartbeat("node-b", 10, ())
+    await store.heartbeat("node-c", 10, ())
+    await store.heartbeat("node-a", 10, ["node-b", "node-c"])
+    manual_clock.advance(15)  # nobody could beat (Redis out of reach): node-a's own beat lapsed as well
+    assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == frozenset()
+    manual_clock.advance(5)
+    await store.heartbeat("node-b", 10, ())  # node-b is back; node-c never comes back
+    assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == frozenset()
+    manual_clock.advance(5)
+    assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == {"node-c"}

@@ -86,8 +86,9 @@ class Store(Protocol):
 
     async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
         """Mark `node_id` alive for `ttl` seconds, and return which of `watch` are not alive (never were, or
-        missed their heartbeats): one round trip. Nodes heartbeat every third of their `ttl`. A store that
-        lost its data (a Redis restart) gives every node `ttl` to beat again before it counts as gone."""
+        missed their heartbeats): one round trip. Nodes heartbeat every third of their `ttl`. When `node_id`'s
+        own previous beat has lapsed (the store lost its data in a Redis restart, or was out of reach, or this
+        process stalled), others may have lapsed for the same reason: for `ttl` from then none counts as gone."""
         ...
 
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:

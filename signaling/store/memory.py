@@ -8,6 +8,7 @@ read, and the leftovers are swept out at most once per `SWEEP_INTERVAL` of clock
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ class MemoryStore:
         # (user, device) -> call_id -> (the call, expiry).
         self._waking: dict[tuple[str, str], dict[str, tuple[CallRef, float]]] = {}
         self._alive: dict[str, float] = {}  # node id -> heartbeat expiry
+        # Node id -> when its own beat was last found lapsed (see `heartbeat`).
+        self._lapsed_at: dict[str, float] = {}
         self._next_sweep = clock.now() + SWEEP_INTERVAL
 
     async def start(self) -> None:
@@ -115,7 +118,12 @@ class MemoryStore:
     async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
         """See `Store.heartbeat`."""
         now = self._clock.now()
+        previous = self._alive.get(node_id)
         self._alive[node_id] = now + ttl
+        if previous is not None and previous <= now:
+            self._lapsed_at[node_id] = now  # its own beat lapsed (a stalled process): others may have too
+        if now - self._lapsed_at.get(node_id, -math.inf) < ttl:
+            return frozenset()
         return frozenset(n for n in watch if self._alive.get(n, 0.0) <= now)
 
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:

@@ -629,10 +629,10 @@ class RedisStore:
         self._client = client
         # Every command goes through the batcher: those issued in one event-loop iteration share a round trip.
         self._batch = Batcher(client)
-        # Heartbeats: when each node this store beat for is due to expire, and when Redis was last seen to have
-        # lost its data (see `heartbeat`).
-        self._beaten_until: dict[str, float] = {}
-        self._lost_at: float | None = None
+        # Heartbeats: the nodes this store has beaten for, and when one of their own beats was last found lapsed
+        # (see `heartbeat`).
+        self._beaten: set[str] = set()
+        self._lapsed_at: dict[str, float] = {}
 
     async def start(self) -> None:
         """Check Redis answers and load the scripts (on every master of a cluster); raise `StoreUnavailable`
@@ -739,33 +739,30 @@ class RedisStore:
         )
 
     async def heartbeat(self, node_id: str, ttl: float, watch: Collection[str]) -> frozenset[str]:
-        """See `Store.heartbeat`: one pipeline of a SET (which returns the previous beat) and a GET per watched
+        """See `Store.heartbeat`: one pipeline of a GET and a SET of this node's beat and a GET per watched
         node. Liveness is the expiry in the value, read against the clock, as for every other record here.
 
-        A node with no heartbeat on record has stopped beating long enough for its key to be collected, unless
-        Redis lost its data (a restart: it keeps nothing on disk). This store tells the two apart by its own
-        beat: when the previous one it wrote is gone though it has not expired, Redis lost everything, and for
-        `ttl` from then a node with no record counts as alive: every live node writes its beat again sooner.
+        A node whose beat lapsed (expired, or so long ago that Redis collected it) is gone, unless this node's own
+        beat lapsed too: then Redis lost its data (a restart: it keeps nothing on disk) or was out of reach, for
+        everyone as likely as for us, and for `ttl` from then no node counts as gone: every live node beats
+        again sooner.
         """
         now = self._clock.now()
         nodes = sorted(set(watch))
-        previous, *values = await self._run(
+        previous, _, *values = await self._run(
             "heartbeat",
             [
-                ("SET", self._keys.node(node_id), repr(now + ttl), "EX", _gc_ttl(ttl), "GET"),
+                ("GET", self._keys.node(node_id)),
+                ("SET", self._keys.node(node_id), repr(now + ttl), "EX", _gc_ttl(ttl)),
                 *(("GET", self._keys.node(node)) for node in nodes),
             ],
         )
-        beaten_until = self._beaten_until.get(node_id)
-        if previous is None and beaten_until is not None and beaten_until > now:
-            self._lost_at = now
-        self._beaten_until[node_id] = now + ttl
-        trust_missing = self._lost_at is None or now - self._lost_at >= ttl
-        return frozenset(
-            n
-            for n, v in zip(nodes, values, strict=True)
-            if (v is None and trust_missing) or (v is not None and float(v) <= now)
-        )
+        if node_id in self._beaten and (previous is None or float(previous) <= now):
+            self._lapsed_at[node_id] = now
+        self._beaten.add(node_id)
+        if now - self._lapsed_at.get(node_id, -math.inf) < ttl:
+            return frozenset()
+        return frozenset(n for n, v in zip(nodes, values, strict=True) if v is None or float(v) <= now)
 
     async def take_notices(self, user_id: str, device_id: str) -> tuple[Notice, ...]:
         """See `Store.take_notices`: one script (LRANGE and DEL)."""
