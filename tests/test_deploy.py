@@ -359,6 +359,11 @@ def test_docker_compose_accepts_the_file_and_it_agrees_with_haproxy_cfg() -> Non
     assert len(node_ids) == len(BACKEND_VARIABLES)
 
     assert [(p["published"], p["target"]) for p in proxy["ports"]] == [(8080, 8080)]
+    # The image runs the HAProxy release the tests above ran the same file with.
+    version = re.search(r"version (\d+\.\d+)", run(tool("haproxy"), "-v").stdout)
+    assert version is not None and proxy["image"] == f"haproxy:{version[1]}", (
+        "update the image or the tests' HAProxy"
+    )
     [volume] = proxy["volumes"]
     source, target = volume.split(":")[:2]
     assert (Path(source), target) == (HAPROXY_CFG, "/usr/local/etc/haproxy/haproxy.cfg")  # the image's path
