@@ -225,11 +225,9 @@ async def test_a_call_through_haproxy_goes_on_while_the_process_that_owns_it_dra
         assert await exit_status(owner) == 0
         assert [line["calls_left"] for line in owner.events("server.drained")] == [0]
         bye = await bob.next_event("bye", call_id=call.call_id)
-        # KNOWN BUG, signaling/server.py: `_apply` takes an ending call off the books (`_forget`, which wakes
-        # `drain`) before it sends the call's last frames, so the process can exit while the BYE to a party on
-        # another process is still being published. That party then hears of the end only when the process's
-        # heartbeat lapses: "peer_gone" instead of "remote_hangup". Tighten this once the drain waits for them.
-        assert bye["reason"] in ("remote_hangup", "peer_gone")
+        # The drain lets the process exit only once the call's last frames went out (its BYE to bob, on another
+        # process, included): bob hears the hangup, not the process's heartbeat lapsing (peer_gone).
+        assert bye["reason"] == "remote_hangup"
 
         # With the process gone (connections refused until the checks notice), a new client still gets in.
         await phone("dave")
