@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -140,7 +140,8 @@ class Connection:
         self.ws = ws
         self.encoding = encoding
         # Frames are queued and written once per event-loop iteration, in one write (see `flush`).
-        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        # Not an isinstance check: uvloop's transports write like asyncio's but do not derive from its classes.
+        self._transport = cast(asyncio.WriteTransport | None, transport)
         self._opcode = _OPCODE_BINARY if encoding is wire.Encoding.MSGPACK else _OPCODE_TEXT
         self._outbox: list[bytes] = []
         self._max_send_buffer = max_send_buffer

@@ -38,7 +38,7 @@ import json
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import redis.asyncio
@@ -90,11 +90,11 @@ _T = TypeVar("_T")
 class _Script:
     name: str
     source: str
+    sha: str = field(init=False)
+    """Redis names cached scripts by the SHA-1 of their source (computed once: every EVALSHA sends it)."""
 
-    @property
-    def sha(self) -> str:
-        # Redis names cached scripts by the SHA-1 of their source.
-        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest())
 
 
 _REGISTER = _Script(
