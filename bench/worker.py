@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,9 @@ class Ctl:
         self.counter = counter
 
     def send(self, message: Any) -> None:
+        # uvloop leaves a descriptor it has polled (`recv`) non-blocking: a large message (a long run's latency
+        # samples) then fails with EAGAIN once the pipe's buffer is full, instead of waiting for the parent.
+        os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send(message)
 
     async def recv(self) -> Any:
@@ -56,8 +60,6 @@ def _main(
     cpu_set: set[int] | None,
     use_uvloop: bool,
 ) -> None:
-    import os
-
     if cpu_set is not None:
         common.pin(os.getpid(), cpu_set)
     common.raise_nofile()
@@ -107,6 +109,9 @@ class Worker:
         return int(self.counter.value)
 
     def send(self, message: Any) -> None:
+        # uvloop leaves a descriptor it has polled (`recv`) non-blocking: a large message (a long run's latency
+        # samples) then fails with EAGAIN once the pipe's buffer is full, instead of waiting for the parent.
+        os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send(message)
 
     def recv(self, timeout: float, on_wait: Callable[[], None] | None = None) -> Any:
