@@ -245,8 +245,16 @@ def siplite_command(
     return [sys.executable, "-m", "bench.serve", *flags, "--", "serve", "--host", "127.0.0.1", "--port", "0"]
 
 
-def relay_command(redis_url: str | None) -> list[str]:
-    return [sys.executable, "-m", "bench.relay", "--port", "0", *(["--redis-url", redis_url] if redis_url else [])]
+def relay_command(redis_url: str | None, *, uvloop: bool = False) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench.relay",
+        "--port",
+        "0",
+        *(["--redis-url", redis_url] if redis_url else []),
+        *(["--uvloop"] if uvloop else []),
+    ]
 
 
 class Redis:

@@ -85,15 +85,17 @@ def _server(
     if relay:
         server = procs.Server(
             name,
-            procs.relay_command(redis_url),
+            procs.relay_command(redis_url, uvloop=uvloop),
             procs.clean_env(),
             ctx.log_path(name),
             ctx.server_cpus,
             ready_event="relay.listening",
         )
     else:
+        # The server picks its loop by SIPLITE_EVENT_LOOP (uvloop by default): the baseline runs on the standard
+        # library's loop, as the relay does, and the uvloop switch compares with a relay on uvloop.
+        env = {"SIPLITE_EVENT_LOOP": "uvloop" if uvloop else "asyncio", **(env or {})}
         command = procs.siplite_command(
-            uvloop=uvloop,
             no_hiredis=no_hiredis,
             pure_msgpack=pure_msgpack,
             timings=timings,

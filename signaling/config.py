@@ -7,6 +7,7 @@ start-up, and a bad one stops the server with a message naming the variable.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import tomllib
@@ -102,6 +103,8 @@ class Settings:
     # Seconds to wait for open sockets to close on shutdown.
     shutdown_timeout: float = 5.0
     node_id: str = field(default_factory=_default_node_id)
+    # "uvloop" (the default where it is installed) or "asyncio" (the standard library's event loop).
+    event_loop: str = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -162,6 +165,10 @@ class Settings:
         if self.jwt_secret is not None and self.jwt_public_key_file is not None:
             raise ConfigError("set SIPLITE_JWT_SECRET or SIPLITE_JWT_PUBLIC_KEY_FILE, not both")
         self._check_algorithms()
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError("SIPLITE_EVENT_LOOP must be uvloop or asyncio")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ConfigError("SIPLITE_EVENT_LOOP is uvloop, but uvloop is not installed")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("SIPLITE_LOG_FORMAT must be auto, json or console")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

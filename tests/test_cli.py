@@ -69,14 +69,16 @@ async def serving(
             await proc.wait()
 
 
-async def test_serve_with_defaults_token_and_sigterm() -> None:
-    environ = env()
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_serve_with_defaults_token_and_sigterm(event_loop: str) -> None:
+    environ = env() if event_loop == "uvloop" else env(SIPLITE_EVENT_LOOP=event_loop)  # uvloop: the default
     code, token, _ = await run_cli("token", "alice", "--name", "Alice", environ=environ)
     assert code == 0
     async with serving(environ) as (proc, base, log):
         events = [line["event"] for line in log]
         assert "auth.dev_secret" in events
         assert "store.embedded" in events
+        assert [line["event_loop"] for line in log if line["event"] == "server.listening"] == [event_loop]
         async with aiohttp.ClientSession() as session, session.get(base + "/healthz") as resp:
             assert resp.status == 200
         client = await Client.connect(base + "/ws")
@@ -129,6 +131,7 @@ async def test_unreachable_redis_fails_fast_with_a_clear_message(template: str, 
         ({"SIPLITE_JWT_SECRET": "short"}, "SIPLITE_JWT_SECRET"),
         ({"SIPLITE_HOST": "0.0.0.0"}, "no JWT key configured"),  # noqa: S104 - refusing it is the point
         ({"SIPLITE_REDIS_URL": "http://x"}, "SIPLITE_REDIS_URL"),
+        ({"SIPLITE_EVENT_LOOP": "trio"}, "SIPLITE_EVENT_LOOP must be uvloop or asyncio"),
         ({"SIPLITE_JWT_ALGORITHMS": "none"}, "SIPLITE_JWT_ALGORITHMS: 'none' (unsigned tokens) is never accepted"),
         ({"SIPLITE_JWT_ALGORITHMS": "HS256,None"}, "SIPLITE_JWT_ALGORITHMS: 'none'"),
         ({"SIPLITE_JWT_ALGORITHMS": "HS257"}, "SIPLITE_JWT_ALGORITHMS: unknown algorithm 'HS257'"),
