@@ -279,7 +279,7 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     runs = {r["name"]: r for r in results.get("callsetup", [])}
     for store, goal in (("redis", 0.5), ("memory", 0.7)):
-        for variant, loop in (("", "asyncio"), ("+uvloop", "uvloop, the server's default")):
+        for variant, loop in (("", "asyncio"), ("+uvloop", "uvloop")):
             run = runs.get(f"siplite/{store}{variant}")
             ratio = run.get("ratio_to_relay") if run else None
             if variant and run is None:

@@ -55,7 +55,6 @@ def serve(settings: config.Settings) -> int:
         )
     loop_factory = None
     if settings.event_loop == "uvloop":
-        # uvloop runs the same server in about three quarters of the CPU (bench: call setup, memory store).
         import uvloop
 
         loop_factory = uvloop.new_event_loop

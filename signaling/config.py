@@ -103,8 +103,8 @@ class Settings:
     # Seconds to wait for open sockets to close on shutdown.
     shutdown_timeout: float = 5.0
     node_id: str = field(default_factory=_default_node_id)
-    # "uvloop" (the default where it is installed) or "asyncio" (the standard library's event loop).
-    event_loop: str = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    # "asyncio" (the standard library's event loop) or "uvloop" (`pip install 'sip-lite[uvloop]'`).
+    event_loop: str = "asyncio"
     log_level: str = "info"
     log_format: str = "auto"
 

@@ -69,9 +69,9 @@ async def serving(
             await proc.wait()
 
 
-@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 async def test_serve_with_defaults_token_and_sigterm(event_loop: str) -> None:
-    environ = env() if event_loop == "uvloop" else env(SIPLITE_EVENT_LOOP=event_loop)  # uvloop: the default
+    environ = env() if event_loop == "asyncio" else env(SIPLITE_EVENT_LOOP=event_loop)  # asyncio: the default
     code, token, _ = await run_cli("token", "alice", "--name", "Alice", environ=environ)
     assert code == 0
     async with serving(environ) as (proc, base, log):
