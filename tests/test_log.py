@@ -96,7 +96,7 @@ async def test_serve_logs_readable_lines_on_a_terminal() -> None:
         [line] = [line for line in text.splitlines() if "server.listening" in line]
         with pytest.raises(ValueError):
             json.loads(line)
-        assert re.search(r"\[info\s*\] server\.listening\s+host=127\.0\.0\.1 port=\d+", line), line
+        assert re.search(r"\[info\s*\] server\.listening\s+(\w+=\S+ )*host=127\.0\.0\.1 port=\d+", line), line
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), STARTUP_TIMEOUT) == 0
     finally:
