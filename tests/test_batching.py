@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,10 +12,11 @@ import pytest
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from signaling import redis_url
 from signaling.store.batching import Batcher
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
 
 
 @pytest.fixture
@@ -108,3 +111,19 @@ async def test_on_a_cluster_commands_whose_node_connection_died_are_sent_once_mo
     finally:
         await batcher.close()
         await connected.aclose()
+
+
+async def test_a_redis_that_stops_answering_fails_the_round_trip_at_the_timeout_and_not_later() -> None:
+    with RedisServer() as server:
+        async with redis.asyncio.Redis.from_url(server.url, decode_responses=True) as client:
+            batcher = Batcher(client, timeout=0.3)
+            assert await batcher.execute([("SET", "k", "v")]) == [True]
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)  # alive, connected, silent: what a hung Redis looks like
+            try:
+                with pytest.raises(RedisTimeoutError, match=r"within 0\.3 s"):
+                    await asyncio.wait_for(batcher.execute([("GET", "k")]), 5.0)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            # The connection cut short was dropped: the next round trip gets its own reply, not the late one.
+            assert await batcher.execute([("GET", "nothing"), ("GET", "k")]) == [None, "v"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -1474,3 +1476,26 @@ async def test_when_a_nodes_own_beat_lapsed_it_gives_the_others_a_ttl_to_beat_ag
     assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == frozenset()
     manual_clock.advance(5)
     assert await store.heartbeat("node-a", 10, ["node-b", "node-c"]) == {"node-c"}
+
+
+async def test_a_redis_that_stops_answering_makes_operations_fail_at_the_timeout(
+    manual_clock: ManualClock,
+) -> None:
+    with RedisServer() as server:
+        store = RedisStore(server.url, manual_clock, timeout=0.3)
+        await store.start()
+        try:
+            binding, device = make_binding(manual_clock), make_device(manual_clock)
+            await store.register(binding, device, 10)
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)  # connected and silent, as a hung or overloaded Redis is
+            try:
+                with pytest.raises(StoreUnavailable, match=r"no reply from Redis within 0\.3 s"):
+                    await asyncio.wait_for(store.presence("alice"), 5.0)
+                assert not await asyncio.wait_for(store.ping(), 5.0)  # /readyz says not ready, promptly
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert await store.ping()
+            assert [b.device_id for b in (await store.presence("alice")).bindings] == [device.device_id]
+        finally:
+            await store.close()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "Batcher", "Pipelined"]
 
@@ -46,10 +47,17 @@ class Pipelined(Protocol):
 class Batcher:
     """Send the commands issued during one event-loop iteration as one pipeline (see the module docstring)."""
 
-    def __init__(self, client: Pipelined, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, client: Pipelined, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, timeout: float | None = None
+    ) -> None:
+        """`timeout` bounds each round trip (seconds; None: no bound): one deadline for the whole pipeline is
+        much cheaper than redis-py's `socket_timeout`, which opens a timeout context for every reply read.
+        A round trip past it raises redis-py's `TimeoutError`, and redis-py drops the connection whose read
+        was cut short, so no late reply is ever taken for another command's."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._client = client
+        self._timeout = timeout
         self._max_in_flight = max_in_flight
         # One entry per `execute` call: its commands, and the future of their replies.
         self._queued: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
@@ -121,7 +129,11 @@ class Batcher:
         pipe: _Pipeline = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return list(await pipe.execute(raise_on_error=False))
+        try:
+            async with asyncio.timeout(self._timeout):
+                return list(await pipe.execute(raise_on_error=False))
+        except TimeoutError as exc:
+            raise RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s") from exc
 
     async def close(self) -> None:
         """Wait for the pipelines in flight (their callers get their replies)."""

@@ -74,7 +74,8 @@ GC_SLACK: Final = 5
 """Seconds a key outlives its logical expiry in Redis, to absorb clock skew between processes."""
 
 _SOCKET_TIMEOUT: Final = 2.0
-"""Connect and read timeout (seconds) for the client built from a URL; the URL's query string can override."""
+"""Default bound (seconds) on connecting and on each round trip (`RedisStore(timeout=...)`); a `socket_timeout` in the
+URL's query string adds redis-py's own bound on each reply read."""
 
 _Arg = str | int | float
 _T = TypeVar("_T")
@@ -601,6 +602,7 @@ class RedisStore:
         prefix: str = DEFAULT_PREFIX,
         device_ttl: float = DEFAULT_DEVICE_TTL,
         client: redis_url.Client | None = None,
+        timeout: float = _SOCKET_TIMEOUT,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain braces (they delimit hash tags)")
@@ -619,16 +621,19 @@ class RedisStore:
             # One retry, on connection errors only: it hides a pooled connection that died (say, Redis
             # restarted) without re-running a command that may have executed before a timeout. (A cluster
             # client retries by its own rules, after refreshing its map of the slots.)
+            # No socket_timeout: every round trip is bounded by `timeout` as a whole (the batcher's, and the
+            # direct calls' below), instead of redis-py opening a timeout context for each reply it reads.
             self._owned = target.connect(
                 decode_responses=True,
-                socket_timeout=_SOCKET_TIMEOUT,
-                socket_connect_timeout=_SOCKET_TIMEOUT,
+                socket_timeout=None,
+                socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
             )
             client = self._owned.client
         self._client = client
         # Every command goes through the batcher: those issued in one event-loop iteration share a round trip.
-        self._batch = Batcher(client)
+        self._timeout = timeout
+        self._batch = Batcher(client, timeout=timeout)
         # Heartbeats: the nodes this store has beaten for, and when one of their own beats was last found lapsed
         # (see `heartbeat`).
         self._beaten: set[str] = set()
@@ -639,17 +644,18 @@ class RedisStore:
         naming where Redis was looked for otherwise. A plain URL that leads to a cluster node is refused: the
         keys of other nodes' slots would fail one by one at run time."""
         try:
-            if isinstance(self._client, redis.asyncio.RedisCluster):
-                # A cluster client refuses PING and SCRIPT LOAD in a pipeline: they are not keyed to a slot.
-                await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES)
-                await self._load_scripts(_SCRIPTS)
-                return
-            pipe = self._client.pipeline(transaction=False)
-            pipe.ping()
-            pipe.info("cluster")
-            for script in _SCRIPTS:
-                pipe.script_load(script.source)
-            _, cluster, *_ = await pipe.execute()
+            async with asyncio.timeout(self._timeout):
+                if isinstance(self._client, redis.asyncio.RedisCluster):
+                    # A cluster client refuses PING and SCRIPT LOAD in a pipeline: they are not keyed to a slot.
+                    await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES)
+                    await self._load_scripts(_SCRIPTS)
+                    return
+                pipe = self._client.pipeline(transaction=False)
+                pipe.ping()
+                pipe.info("cluster")
+                for script in _SCRIPTS:
+                    pipe.script_load(script.source)
+                _, cluster, *_ = await pipe.execute()
         except redis_url.ERRORS as exc:
             raise StoreUnavailable(f"cannot reach Redis at {self._where}: {self._scrub(exc)}") from exc
         if cluster.get("cluster_enabled"):
@@ -667,9 +673,10 @@ class RedisStore:
     async def ping(self) -> bool:
         """True when Redis (every master of a cluster) answers PING now; never raises."""
         try:
-            if isinstance(self._client, redis.asyncio.RedisCluster):
-                return bool(await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES))
-            return bool(await self._client.ping())
+            async with asyncio.timeout(self._timeout):
+                if isinstance(self._client, redis.asyncio.RedisCluster):
+                    return bool(await self._client.ping(target_nodes=redis.asyncio.RedisCluster.PRIMARIES))
+                return bool(await self._client.ping())
         except Exception:
             return False
 
@@ -972,14 +979,15 @@ class RedisStore:
 
     async def _load_scripts(self, scripts: Collection[_Script]) -> None:
         """SCRIPT LOAD each script: in one pipeline, or on a cluster one command each, sent to every master."""
-        if isinstance(self._client, redis.asyncio.RedisCluster):
-            cluster = self._client
-            await asyncio.gather(*(cluster.script_load(script.source) for script in scripts))
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for script in scripts:
-            pipe.script_load(script.source)
-        await pipe.execute()
+        async with asyncio.timeout(self._timeout):
+            if isinstance(self._client, redis.asyncio.RedisCluster):
+                cluster = self._client
+                await asyncio.gather(*(cluster.script_load(script.source) for script in scripts))
+                return
+            pipe = self._client.pipeline(transaction=False)
+            for script in scripts:
+                pipe.script_load(script.source)
+            await pipe.execute()
 
     async def _evalsha(self, calls: Sequence[_Eval]) -> list[Any]:
         return await self._batch.execute(
