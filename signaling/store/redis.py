@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import orjson
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -74,8 +74,8 @@ GC_SLACK: Final = 5
 """Seconds a key outlives its logical expiry in Redis, to absorb clock skew between processes."""
 
 _SOCKET_TIMEOUT: Final = 2.0
-"""Default bound (seconds) on connecting and on each round trip (`RedisStore(timeout=...)`); a `socket_timeout` in the
-URL's query string adds redis-py's own bound on each reply read."""
+"""Default bound (seconds) on connecting and on each round trip (`RedisStore(timeout=...)`); a `socket_timeout`
+in the URL's query string adds redis-py's own bound on each reply read."""
 
 _Arg = str | int | float
 _T = TypeVar("_T")
@@ -434,7 +434,9 @@ class _Keys:
 
 
 def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # orjson: compact and UTF-8 like json.dumps(separators=(",", ":"), ensure_ascii=False), in a third of the
+    # time (the Redis call-setup profile had 3% of the server in the json module).
+    return orjson.dumps(value).decode()
 
 
 def _text(value: bytes | str) -> str:
@@ -466,7 +468,7 @@ def _encode_device(device: Device) -> str:
 
 
 def _decode_device(user_id: str, device_id: str, raw: bytes | str) -> Device:
-    data = json.loads(raw)
+    data = orjson.loads(raw)
     push = data["push"]
     return Device(
         user_id=user_id,
@@ -489,7 +491,7 @@ def _encode_binding(binding: Binding) -> str:
 
 
 def _decode_binding(user_id: str, device_id: str, raw: bytes | str) -> Binding:
-    data = json.loads(raw)
+    data = orjson.loads(raw)
     return Binding(
         user_id=user_id,
         device_id=device_id,
@@ -516,7 +518,7 @@ def _encode_call(record: CallRecord, expires_at: float) -> str:
 
 
 def _decode_call(raw: bytes | str) -> tuple[CallRecord, float]:
-    data = json.loads(raw)
+    data = orjson.loads(raw)
     record = CallRecord(
         call_id=data["call_id"],
         caller_user=data["caller_user"],
@@ -570,7 +572,7 @@ def _decode_ref(call_id: str, value: dict[str, Any]) -> CallRef:
 
 
 def _decode_notice(raw: bytes | str) -> Notice:
-    data = json.loads(raw)
+    data = orjson.loads(raw)
     return Notice(
         kind=NoticeKind(data["kind"]),
         call_id=data["call_id"],
@@ -718,7 +720,7 @@ class RedisStore:
             notices = (_decode_notice(raw) for raw in raw_notices)
             entries = []
             for i in range(0, len(raw_waking), 2):
-                value = json.loads(raw_waking[i + 1])
+                value = orjson.loads(raw_waking[i + 1])
                 if value["expires_at"] > now:
                     entries.append((float(value["expires_at"]), _decode_ref(_text(raw_waking[i]), value)))
             entries.sort(key=lambda entry: (entry[0], entry[1].call_id))
