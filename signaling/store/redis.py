@@ -27,6 +27,8 @@ scripts, with `now` passed as an argument). Redis TTLs only collect garbage: eac
 rounded up plus `GC_SLACK` seconds, so processes whose clocks disagree by less than that agree on what exists.
 
 Every method is one round trip (a single command, script, or pipeline), as `signaling.store.base` promises;
+on one server the scripts of one method run as one EVALSHA (`_COMBINED`), since redis-py's cost per command is
+most of what a call setup costs this process;
 on a cluster, one to each node whose slots it touches, concurrently.
 """
 
@@ -355,7 +357,63 @@ return 1
 """,
 )
 
+_DELETE = _Script(
+    "delete",
+    """
+-- KEYS: a key to delete.
+redis.call('DEL', KEYS[1])
+return 0
+""",
+)
+
+
+def _combined(scripts: Sequence[_Script]) -> _Script:
+    """One script that runs several invocations of `scripts` in one EVALSHA, on one Redis server.
+
+    Each script's source becomes a function whose parameters KEYS and ARGV shadow the globals. ARGV: the number
+    of invocations, then for each: the script's number (1-based, in `scripts`), its key count, its argument
+    count, its arguments; KEYS: every invocation's keys in order. Returns one table per invocation holding the
+    script's reply (empty for nil). Not for a cluster: the keys of one EVALSHA must share a slot there."""
+    functions = "\n".join(
+        f"fns[{i}] = function(KEYS, ARGV)\n{script.source}\nend" for i, script in enumerate(scripts, 1)
+    )
+    runner = """
+local out, k, p = {}, 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  local which, nk, na = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  p = p + 3
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k]; k = k + 1 end
+  for j = 1, na do args[j] = ARGV[p]; p = p + 1 end
+  out[i] = {fns[which](keys, args)}
+end
+return out
+"""
+    return _Script("combined", "local fns = {}\n" + functions + runner)
+
+
+_PARTS: Final = (
+    _REGISTER,
+    _UNREGISTER,
+    _REFRESH,
+    _PRESENCE,
+    _FORGET,
+    _CREATE_CALL,
+    _ADD_NOTICES,
+    _TAKE_NOTICES,
+    _MARK_WAKING,
+    _UNMARK_CALL,
+    _SET_CALL,
+    _CLAIM,
+    _REJECT_TOKEN,
+    _DELETE,
+)
+_COMBINED: Final = _combined(_PARTS)
+_PART_NUMBER: Final = {script.name: i for i, script in enumerate(_PARTS, 1)}
+
 _SCRIPTS: Final = (
+    _COMBINED,
+    _DELETE,
     _REGISTER,
     _UNREGISTER,
     _REFRESH,
@@ -636,6 +694,9 @@ class RedisStore:
         # Every command goes through the batcher: those issued in one event-loop iteration share a round trip.
         self._timeout = timeout
         self._batch = Batcher(client, timeout=timeout)
+        self.combines_scripts = not isinstance(client, redis.asyncio.RedisCluster)
+        """Whether the scripts of one operation run as one EVALSHA (on one server; on a cluster the keys of one
+        EVALSHA must share a slot, so each runs on its own)."""
         # Heartbeats: the nodes this store has beaten for, and when one of their own beats was last found lapsed
         # (see `heartbeat`).
         self._beaten: set[str] = set()
@@ -926,21 +987,16 @@ class RedisStore:
         return record if expires_at > self._clock.now() else None
 
     async def close_call(self, call_id: str, *, parties: Sequence[tuple[str, str]] = ()) -> None:
-        """See `Store.close_call`: one DEL, or with `parties` one pipeline of it and an HDEL script each."""
+        """See `Store.close_call`: one DEL, or with `parties` a DEL script and an HDEL script each (one EVALSHA
+        on one server, see `combines_scripts`)."""
         if not parties:
             await self._run("close_call", [("DEL", self._keys.call(call_id))])
             return
-        with self._translate("close_call"):
-            replies = await self._batch.execute(
-                [
-                    ("DEL", self._keys.call(call_id)),
-                    *(("EVALSHA", _UNMARK_CALL.sha, 1, self._keys.waking(u, d), call_id) for u, d in parties),
-                ]
-            )
-        if any(isinstance(reply, NoScriptError) for reply in replies):
-            await self._eval(
-                "close_call", *(_Eval(_UNMARK_CALL, (self._keys.waking(u, d),), (call_id,)) for u, d in parties)
-            )
+        await self._eval(
+            "close_call",
+            _Eval(_DELETE, (self._keys.call(call_id),), ()),
+            *(_Eval(_UNMARK_CALL, (self._keys.waking(u, d),), (call_id,)) for u, d in parties),
+        )
 
     # --- internals ---------------------------------------------------------------------------------------------
 
@@ -971,7 +1027,8 @@ class RedisStore:
             replies = await self._evalsha(calls)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
-                await self._load_scripts({calls[i].script for i in missing})
+                # A combined call is missing the combined script, and a part may be missing too.
+                await self._load_scripts({_COMBINED, *(calls[i].script for i in missing)})
                 for i, reply in zip(missing, await self._evalsha([calls[i] for i in missing]), strict=True):
                     replies[i] = reply
             for reply in replies:
@@ -992,6 +1049,17 @@ class RedisStore:
             await pipe.execute()
 
     async def _evalsha(self, calls: Sequence[_Eval]) -> list[Any]:
+        if self.combines_scripts and len(calls) > 1:
+            # One EVALSHA for all of them: redis-py's cost per command is most of what a call setup costs here.
+            keys: list[_Arg] = []
+            args: list[_Arg] = [len(calls)]
+            for call in calls:
+                keys += call.keys
+                args += [_PART_NUMBER[call.script.name], len(call.keys), len(call.args), *call.args]
+            (reply,) = await self._batch.execute([("EVALSHA", _COMBINED.sha, len(keys), *keys, *args)])
+            if isinstance(reply, Exception):
+                return [reply] * len(calls)
+            return [part[0] if part else None for part in reply]
         return await self._batch.execute(
             [("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in calls]
         )
