@@ -411,23 +411,7 @@ _PARTS: Final = (
 _COMBINED: Final = _combined(_PARTS)
 _PART_NUMBER: Final = {script.name: i for i, script in enumerate(_PARTS, 1)}
 
-_SCRIPTS: Final = (
-    _COMBINED,
-    _DELETE,
-    _REGISTER,
-    _UNREGISTER,
-    _REFRESH,
-    _PRESENCE,
-    _FORGET,
-    _CREATE_CALL,
-    _ADD_NOTICES,
-    _TAKE_NOTICES,
-    _MARK_WAKING,
-    _UNMARK_CALL,
-    _SET_CALL,
-    _CLAIM,
-    _REJECT_TOKEN,
-)
+_SCRIPTS: Final = (_COMBINED, *_PARTS)
 
 
 @dataclass(frozen=True, slots=True)
