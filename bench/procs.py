@@ -222,7 +222,6 @@ def _other_cpus(cpu_set: set[int] | None) -> set[int] | None:
 
 def siplite_command(
     *,
-    uvloop: bool = False,
     no_hiredis: bool = False,
     pure_msgpack: bool = False,
     timings: Path | None = None,
@@ -230,12 +229,11 @@ def siplite_command(
     cprofile: Path | None = None,
 ) -> list[str]:
     """The real `signaling serve`, or `bench.serve` (same server, with switches) when any switch is set."""
-    if not (uvloop or no_hiredis or pure_msgpack or timings or gc_log or cprofile):
+    if not (no_hiredis or pure_msgpack or timings or gc_log or cprofile):
         signaling = shutil.which("signaling", path=str(common.VENV_BIN))
         if signaling is not None:
             return [signaling, "serve", "--host", "127.0.0.1", "--port", "0"]
     flags = [
-        *(["--uvloop"] if uvloop else []),
         *(["--no-hiredis"] if no_hiredis else []),
         *(["--pure-msgpack"] if pure_msgpack else []),
         *(["--timings", str(timings)] if timings else []),

@@ -134,8 +134,8 @@ class Connection:
         ws: web.WebSocketResponse,
         encoding: wire.Encoding,
         bucket: TokenBucket,
-        transport: asyncio.BaseTransport | None = None,
-        max_send_buffer: int = 1 << 20,
+        transport: asyncio.BaseTransport | None,
+        max_send_buffer: int,
     ) -> None:
         self.ws = ws
         self.encoding = encoding
